@@ -1,0 +1,48 @@
+"""MNIST classification: pytorch/examples' recipe (Adadelta, lr 1.0 decayed by 0.7 per epoch)."""
+import torch.nn.functional as F
+from torch import optim
+
+from agents.base import SupervisedAgent
+from datasets.mnist import MnistDataLoader
+from graphs.models.mnist import MnistNet
+from utils.config import Key
+
+
+class MnistAgent(SupervisedAgent):
+    DEFAULTS = {
+        "max_epoch": 14,
+        "learning_rate": 1.0,
+        "optimizer": Key("adadelta", choices=("adadelta", "sgd", "adam")),
+        "momentum": 0.5,       # sgd only
+        "lr_gamma": 0.7,       # learning rate x lr_gamma after every epoch
+        "data_folder": "data/mnist",
+        "data_mode": Key("download", choices=("download", "local")),
+        "monitor": "val/accuracy",
+        "monitor_mode": "max",
+    }
+    metrics = ("loss", "accuracy")
+
+    def build(self):
+        cfg = self.config
+        self.model = self.add_model("model", MnistNet())
+        if cfg.optimizer == "sgd":
+            optimizer = optim.SGD(self.model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum)
+        elif cfg.optimizer == "adam":
+            optimizer = optim.Adam(self.model.parameters(), lr=cfg.learning_rate)
+        else:
+            optimizer = optim.Adadelta(self.model.parameters(), lr=cfg.learning_rate)
+        self.add_optimizer("optimizer", optimizer)
+        self.add_scheduler("scheduler", optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=cfg.lr_gamma))
+        self.data_loader = MnistDataLoader(cfg.data_folder, download=cfg.data_mode == "download",
+                                           batch_size=cfg.batch_size, test_batch_size=cfg.test_batch_size,
+                                           device=self.device)
+
+    def train_step(self, batch):
+        images, labels = batch
+        return F.cross_entropy(self.model(images), labels)
+
+    def validate_step(self, batch):
+        images, labels = batch
+        logits = self.model(images)
+        return {"loss": F.cross_entropy(logits, labels),
+                "accuracy": (logits.argmax(dim=1) == labels).float().mean()}

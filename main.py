@@ -1,0 +1,117 @@
+"""Run one experiment from a JSON config.
+
+    python main.py CONFIG [--set KEY=VALUE ...] [--resume] [--force] [--print-config]
+
+CONFIG is a JSON file or an inline JSON object. --set takes dotted keys and JSON values
+(--set max_epoch=3 --set optimizer.lr=0.1); a value that is not JSON is taken as a string.
+"""
+import argparse
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from agents import make_config
+from agents.base import BEST, LATEST
+from utils import checkpoint as ckpt
+from utils.config import (clear_experiment, create_experiment_dirs, experiment_paths, has_checkpoints,
+                          setup_logging, write_json_atomic)
+from utils.errors import CheckpointError, UserError
+
+logger = logging.getLogger("main")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Train or evaluate an agent from a JSON config.")
+    parser.add_argument("config", help="path to a JSON config, or an inline JSON object")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key: dotted KEY, JSON VALUE (repeatable)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the experiment's checkpoints/checkpoint.pth.tar")
+    parser.add_argument("--force", action="store_true",
+                        help="start over, deleting the experiment's checkpoints, summaries, out and logs")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (defaults included) and exit")
+    return parser.parse_args(argv)
+
+
+def _checkpoint_path(paths, file_name: str | None, default: str) -> Path:
+    if not file_name:
+        return paths.checkpoints / default
+    path = Path(file_name)
+    return path if len(path.parts) > 1 else paths.checkpoints / path
+
+
+def prepare(args):
+    """Everything that can fail on the user's input, before any file of theirs is touched."""
+    agent_class, config = make_config(args.config, args.set)
+    if args.resume and args.force:
+        raise UserError("--resume continues the experiment and --force deletes it: give one of them")
+    paths = experiment_paths(config.exp_name)
+    checkpoint = None
+    if config.mode == "train":
+        if args.resume:
+            path = _checkpoint_path(paths, config.checkpoint_file, LATEST)
+            if not path.is_file():
+                raise CheckpointError(f"nothing to resume: no checkpoint at '{path}'; "
+                                      "run without --resume to start this experiment")
+            checkpoint = ckpt.load(path)
+        elif has_checkpoints(paths) and not args.force:
+            raise UserError(f"'{paths.root}' already has checkpoints; continue it with --resume, "
+                            "or start over with --force (deletes them), or pick another exp_name")
+    else:
+        path = _checkpoint_path(paths, config.checkpoint_file, BEST)
+        if not path.is_file():
+            raise CheckpointError(f"mode \"{config.mode}\" needs a trained model, but there is no "
+                                  f"'{path}'; train first, or set checkpoint_file")
+        checkpoint = ckpt.load(path)
+    return agent_class, config, paths, checkpoint
+
+
+def run(args) -> int:
+    agent_class, config, paths, checkpoint = prepare(args)
+    if args.print_config:
+        print(json.dumps(config, indent=2))
+        return 0
+    if config.mode == "train" and args.force and not args.resume:
+        clear_experiment(paths)
+    create_experiment_dirs(paths)
+    write_json_atomic(paths.root / ("config.json" if config.mode == "train"
+                                    else f"config_{config.mode}.json"), config)
+    setup_logging(paths.logs)
+    logger.info(f"{config.exp_name}: {agent_class.__name__}, mode {config.mode} -> {paths.root}")
+    agent = agent_class(config, checkpoint)
+    del checkpoint
+    try:
+        agent.run()
+    finally:
+        agent.finalize()
+    return 130 if agent.status == "interrupted" else 0
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    setup_logging(None)
+    # A scheduler's SIGTERM (preemption, timeout) is handled like Ctrl+C: save, then stop.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        return run(args)
+    except UserError as e:
+        logger.error(str(e), extra={"console": False})
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        logger.exception("the run crashed", extra={"console": False})
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

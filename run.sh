@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# ./run.sh                      train the MNIST example (configs/mnist_exp_0.json)
+# ./run.sh CONFIG [ARGS...]     python main.py CONFIG [ARGS...]   (--set, --resume, --force)
+# ./run.sh test [PYTEST ARGS]   run the test suite
+# First use sets up .venv from requirements.txt, unless the current python already has the
+# packages. PYTHON=/path/to/python picks the interpreter.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+STAMP=$VENV/.requirements.sha256
+CHECK='import torch, torchvision, numpy, easydict, tensorboardX, tensorboard, tqdm, pytest'
+
+want=$(sha256sum requirements.txt | cut -d" " -f1)
+if [ -x "$VENV/bin/python" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$want" ]; then
+    PYTHON=$VENV/bin/python
+elif [ ! -d "$VENV" ] && "$PYTHON" -c "$CHECK" 2>/dev/null; then
+    :  # this environment already has everything
+else
+    echo "run.sh: setting up $VENV from requirements.txt (once; a few minutes)" >&2
+    [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install --quiet -r requirements.txt >&2
+    echo "$want" > "$STAMP"
+    PYTHON=$VENV/bin/python
+fi
+
+case "${1:-}" in
+    "")   exec "$PYTHON" main.py configs/mnist_exp_0.json ;;
+    test) shift; exec "$PYTHON" -m pytest tests "$@" ;;
+    *)    exec "$PYTHON" main.py "$@" ;;
+esac

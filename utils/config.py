@@ -1,0 +1,288 @@
+"""Config loading: JSON file or inline JSON -> "extends" -> --set overrides -> declared defaults ->
+validation -> EasyDict; plus the experiment folders and logging of one run."""
+import difflib
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from easydict import EasyDict
+from tqdm import tqdm
+
+from utils.errors import ConfigError
+
+EXPERIMENTS_ROOT = Path("experiments")
+REQUIRED_KEYS = ("exp_name", "agent")
+_EXP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+
+
+@dataclass(frozen=True)
+class Key:
+    """A declared config key whose type or allowed values the default alone does not tell.
+
+    types: accepted Python types (default: the default value's type; an int is accepted for float).
+    choices: allowed values. pattern: a regex a string value must match (with `pattern_hint` for
+    the error message).
+    """
+    default: Any
+    types: tuple = ()
+    choices: tuple = ()
+    pattern: str = ""
+    pattern_hint: str = ""
+
+
+def _spec(value):
+    return value if isinstance(value, Key) else Key(value)
+
+
+def _type_name(types):
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+             list: "a list", dict: "an object", type(None): "null"}
+    return " or ".join(names.get(t, t.__name__) for t in types)
+
+
+def _json_kind(value):
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _accepted_types(spec: Key):
+    if spec.types:
+        types = spec.types
+    elif spec.default is None:
+        return None  # anything JSON can hold
+    else:
+        types = (type(spec.default),)
+    if float in types and int not in types:
+        types = types + (int,)
+    return types
+
+
+def _check_type(path, value, spec: Key):
+    types = _accepted_types(spec)
+    if types is not None:
+        # bool is a subclass of int in Python; JSON true is not a number.
+        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+        if not ok:
+            raise ConfigError(f"config key '{path}' must be {_type_name(types)}, "
+                              f"got {_json_kind(value)} {json.dumps(value)}")
+    if spec.choices and value not in spec.choices:
+        options = ", ".join(json.dumps(c) for c in spec.choices)
+        raise ConfigError(f"config key '{path}' is {json.dumps(value)}; it must be one of {options}")
+    if spec.pattern and isinstance(value, str) and not re.fullmatch(spec.pattern, value):
+        raise ConfigError(f"config key '{path}' is {json.dumps(value)}; {spec.pattern_hint}")
+
+
+def _unknown_key_error(path, key, known, owner):
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"did you mean '{close[0]}'?" if close else "known keys: " + ", ".join(sorted(known))
+    return ConfigError(f"unknown config key '{path}' ({owner} does not read it); {hint}")
+
+
+def validate(raw: Mapping, spec: Mapping, owner: str, prefix: str = "") -> dict:
+    """Merge `raw` over the declared defaults in `spec`, rejecting unknown keys and wrong types."""
+    resolved = {}
+    for key, value in raw.items():
+        path = prefix + key
+        if key not in spec:
+            raise _unknown_key_error(path, key, list(spec), owner)
+        key_spec = _spec(spec[key])
+        if isinstance(key_spec.default, dict) and key_spec.default and isinstance(value, dict):
+            # A declared sub-object: its keys are checked as strictly as the top level.
+            value = validate(value, key_spec.default, owner, prefix=path + ".")
+        _check_type(path, value, key_spec)
+        resolved[key] = value
+    for key, default in spec.items():
+        if key not in resolved:
+            default = _spec(default).default
+            if isinstance(default, dict) and default:
+                default = validate({}, default, owner, prefix=prefix + key + ".")
+            resolved[key] = default
+    return resolved
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _read_json_file(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file '{path}': {e.strerror}") from None
+    return _parse_json(text, f"config file '{path}'")
+
+
+def _parse_json(text: str, what: str) -> dict:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{what} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} must hold a JSON object {{...}}, not {_json_kind(data)}")
+    return data
+
+
+def deep_merge(base: dict, override: Mapping) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _resolve_extends(data: dict, base_dir: Path, chain: tuple) -> dict:
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"\"extends\" must be a path to a JSON file, got {_json_kind(parent)}")
+    parent_path = (base_dir / parent).resolve()
+    if parent_path in chain:
+        raise ConfigError(f"config files extend each other in a loop: '{parent_path}'")
+    parent_data = _resolve_extends(_read_json_file(parent_path), parent_path.parent,
+                                   chain + (parent_path,))
+    return deep_merge(parent_data, data)
+
+
+def load_source(source: str) -> dict:
+    """A config from a JSON file path, or from an inline JSON object string."""
+    if source.lstrip().startswith("{"):
+        return _resolve_extends(_parse_json(source, "inline config"), Path.cwd(), ())
+    path = Path(source).resolve()
+    return _resolve_extends(_read_json_file(path), path.parent, (path,))
+
+
+def parse_override(assignment: str):
+    """'a.b=VALUE' -> (['a', 'b'], value); VALUE is JSON, or a plain string when it is not JSON."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects KEY=VALUE (e.g. --set max_epoch=3), got '{assignment}'")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, assignments) -> dict:
+    data = dict(data)
+    for assignment in assignments:
+        keys, value = parse_override(assignment)
+        node = data
+        for depth, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            elif not isinstance(child, dict):
+                dotted = ".".join(keys[:depth + 1])
+                raise ConfigError(f"--set {assignment}: '{dotted}' is {_json_kind(child)}, not an object")
+            else:
+                child = node[key] = dict(child)
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def check_required(data: Mapping):
+    for key in REQUIRED_KEYS:
+        if key not in data:
+            raise ConfigError(f"the config has no \"{key}\"; add it, e.g. "
+                              + ('"exp_name": "my_experiment"' if key == "exp_name"
+                                 else '"agent": "MnistAgent"'))
+    name = data["exp_name"]
+    if not isinstance(name, str) or not _EXP_NAME.match(name) or name in (".", ".."):
+        raise ConfigError(f"exp_name {json.dumps(name)} must be a plain folder name under experiments/ "
+                          "(letters, digits, '_', '-', '.'; no '/' and no '..')")
+    if not isinstance(data["agent"], str):
+        raise ConfigError(f"agent must be a string naming an agent, got {_json_kind(data['agent'])}")
+
+
+def resolve(data: Mapping, spec: Mapping, owner: str) -> EasyDict:
+    return EasyDict(validate(data, spec, owner))
+
+
+# ----------------------------------------------------------------------------- experiment folders
+
+
+def experiment_paths(exp_name: str, root: Path = EXPERIMENTS_ROOT) -> EasyDict:
+    exp_dir = Path(root) / exp_name
+    return EasyDict(root=exp_dir, summaries=exp_dir / "summaries", checkpoints=exp_dir / "checkpoints",
+                    out=exp_dir / "out", logs=exp_dir / "logs")
+
+
+def has_checkpoints(paths) -> bool:
+    return paths.checkpoints.is_dir() and any(paths.checkpoints.glob("*.pth.tar"))
+
+
+def clear_experiment(paths):
+    """--force: start the experiment over."""
+    for folder in (paths.checkpoints, paths.summaries, paths.out, paths.logs):
+        shutil.rmtree(folder, ignore_errors=True)
+    (paths.root / "results.json").unlink(missing_ok=True)
+
+
+def create_experiment_dirs(paths):
+    for folder in (paths.summaries, paths.checkpoints, paths.out, paths.logs):
+        folder.mkdir(parents=True, exist_ok=True)
+
+
+def write_json_atomic(path: Path, data):
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class TqdmHandler(logging.StreamHandler):
+    """Console log lines that print above the progress bars instead of through them."""
+
+    def emit(self, record):
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # logging must never take the run down
+            self.handleError(record)
+
+
+class _ConsoleFormatter(logging.Formatter):
+    def format(self, record):
+        message = super().format(record)
+        return message if record.levelno == logging.INFO else f"[{record.levelname}] {message}"
+
+
+def setup_logging(log_dir: Path | None, console_level=logging.INFO):
+    """Console (tqdm-safe) at INFO; logs/exp_debug.log gets everything, logs/exp_error.log warnings."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(logging.DEBUG)
+    console = TqdmHandler(sys.stdout)
+    console.setLevel(console_level)
+    # Records logged with extra={"console": False} go to the log files only.
+    console.addFilter(lambda record: getattr(record, "console", True))
+    console.setFormatter(_ConsoleFormatter("%(message)s"))
+    root.addHandler(console)
+    if log_dir is not None:
+        file_format = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        for name, level in (("exp_debug.log", logging.DEBUG), ("exp_error.log", logging.WARNING)):
+            handler = logging.FileHandler(Path(log_dir) / name)
+            handler.setLevel(level)
+            handler.setFormatter(file_format)
+            root.addHandler(handler)
+    # Third-party chatter stays out of the console.
+    for noisy in ("PIL", "matplotlib", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

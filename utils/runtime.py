@@ -1,0 +1,50 @@
+"""Seeding and device selection: done once, in BaseAgent, before anything is built."""
+import random
+
+import numpy as np
+import torch
+
+from utils.errors import ConfigError
+
+
+def seed_everything(seed: int):
+    """Seed python, numpy and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds all CUDA devices
+
+
+def seed_worker(worker_id: int):
+    """DataLoader worker_init_fn: torch seeds each worker from the loader's base seed; python's and
+    numpy's generators must be derived from it by hand."""
+    worker_seed = torch.initial_seed() % 2**32
+    random.seed(worker_seed)
+    np.random.seed(worker_seed)
+
+
+def _mps_available() -> bool:
+    return hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+
+
+def select_device(device: str, cuda: bool = True, gpu_device: int = 0) -> torch.device:
+    """'auto' picks cuda:<gpu_device> when there is a GPU and `cuda` is true, else mps, else cpu.
+    An explicit device that is not there is an error, not a silent fallback to the CPU."""
+    if device == "auto":
+        if cuda and torch.cuda.is_available():
+            return torch.device("cuda", gpu_device)
+        if cuda and _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    chosen = torch.device(device)
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device \"{device}\" asked for, but this PyTorch sees no CUDA GPU; "
+                              "use \"device\": \"auto\" or \"cpu\"")
+        index = chosen.index if chosen.index is not None else gpu_device
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device \"{device}\": there are only {torch.cuda.device_count()} "
+                              "CUDA device(s)")
+        return torch.device("cuda", index)
+    if chosen.type == "mps" and not _mps_available():
+        raise ConfigError("device \"mps\" asked for, but MPS is not available on this machine")
+    return chosen
