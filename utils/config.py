@@ -43,6 +43,8 @@ def _spec(value):
 def _type_name(types):
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
              list: "a list", dict: "an object", type(None): "null"}
+    if float in types:
+        types = tuple(t for t in types if t is not int)  # "a number" covers integers
     return " or ".join(names.get(t, t.__name__) for t in types)
 
 
@@ -111,9 +113,10 @@ def validate(raw: Mapping, spec: Mapping, owner: str, prefix: str = "") -> dict:
 # ----------------------------------------------------------------------------- loading
 
 
-def _read_json_file(path: Path) -> dict:
+def _read_json_file(path: Path, shown: str | None = None) -> dict:
+    """shown: the path as the user wrote it, for messages."""
     if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist")
+        raise ConfigError(f"config file '{shown or path}' does not exist")
     try:
         text = path.read_text()
     except OSError as e:
@@ -160,7 +163,7 @@ def load_source(source: str) -> dict:
     if source.lstrip().startswith("{"):
         return _resolve_extends(_parse_json(source, "inline config"), Path.cwd(), ())
     path = Path(source).resolve()
-    return _resolve_extends(_read_json_file(path), path.parent, (path,))
+    return _resolve_extends(_read_json_file(path, shown=source), path.parent, (path,))
 
 
 def parse_override(assignment: str):
@@ -253,6 +256,7 @@ class TqdmHandler(logging.StreamHandler):
     def emit(self, record):
         try:
             tqdm.write(self.format(record), file=self.stream)
+            self.flush()  # a piped stdout (tee, a log collector) sees each line as it happens
         except Exception:  # logging must never take the run down
             self.handleError(record)
 

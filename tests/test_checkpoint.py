@@ -1,0 +1,163 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from agents import make_config
+from utils import checkpoint as ckpt
+from utils.errors import CheckpointError, UserError
+
+TINY = {"exp_name": "tiny", "agent": "tests.tiny_agent:TinyAgent", "progress_bar": False}
+
+
+def build(overrides=(), checkpoint=None, **config):
+    cls, cfg = make_config({**TINY, **config}, overrides)
+    return cls(cfg, checkpoint)
+
+
+def trained(**config):
+    agent = build(**config)
+    agent.run()
+    agent.finalize()
+    return agent
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+
+def latest(exp="tiny"):
+    return ckpt.load(f"experiments/{exp}/checkpoints/checkpoint.pth.tar")
+
+
+def test_checkpoint_is_plain_and_holds_every_declared_part():
+    agent = trained(max_epoch=2)
+    state = torch.load("experiments/tiny/checkpoints/checkpoint.pth.tar", weights_only=True)
+    assert set(state["models"]) == {"model"} and set(state["optimizers"]) == {"optimizer"}
+    assert set(state["schedulers"]) == {"scheduler"}
+    assert state["epoch"] == 2 and state["iteration"] == agent.current_iteration == 12
+    assert state["best"]["epoch"] in (1, 2) and state["best"]["value"] == agent.best_value
+    assert {"python", "numpy", "torch"} <= set(state["rng"])
+    assert state["config"]["exp_name"] == "tiny"
+
+
+def test_loading_restores_optimizer_scheduler_counters_and_rng():
+    first = trained(max_epoch=2)
+    state = latest()
+    second = build(checkpoint=state, max_epoch=2)
+    for a, b in zip(first.model.parameters(), second.model.parameters()):
+        assert torch.equal(a, b)
+    buffers = [s["momentum_buffer"] for s in second.optimizer.state_dict()["state"].values()]
+    expected = [s["momentum_buffer"] for s in first.optimizer.state_dict()["state"].values()]
+    assert all(torch.equal(a, b) for a, b in zip(buffers, expected))
+    assert second.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.9 ** 2)
+    assert (second.current_epoch, second.current_iteration) == (2, 12)
+    assert (second.best_value, second.best_epoch) == (first.best_value, first.best_epoch)
+    ckpt.set_rng_states(state["rng"])
+    draws = (random.random(), np.random.rand(), torch.rand(1))
+    ckpt.set_rng_states(state["rng"])
+    assert draws == (random.random(), np.random.rand(), torch.rand(1))
+
+
+@pytest.mark.parametrize("interval", ["epoch", "iteration"])
+def test_resume_ends_with_the_same_weights_as_a_straight_run(interval):
+    straight = trained(max_epoch=4, scheduler_interval=interval, exp_name="straight")
+    trained(max_epoch=2, scheduler_interval=interval, exp_name="split")
+    resumed = build(checkpoint=latest("split"), max_epoch=4, scheduler_interval=interval, exp_name="split")
+    resumed.run()
+    resumed.finalize()
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+    assert resumed.current_iteration == straight.current_iteration == 24
+    assert resumed.optimizer.param_groups[0]["lr"] == straight.optimizer.param_groups[0]["lr"]
+
+
+def test_iteration_scheduler_steps_once_per_optimizer_step():
+    agent = trained(max_epoch=1, scheduler_interval="iteration")
+    assert agent.current_iteration == 6
+    assert agent.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.9 ** 6)
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pth.tar"
+    ckpt.save_atomic({"models": {"m": torch.ones(3)}}, path)
+    before = path.read_bytes()
+
+    def crash_midway(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash_midway)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_atomic({"models": {"m": torch.zeros(3)}}, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth.tar"]
+
+
+def test_truncated_or_foreign_files_are_clear_errors(tmp_path):
+    path = tmp_path / "c.pth.tar"
+    ckpt.save_atomic({"models": {"m": torch.ones(1000)}}, path)
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(CheckpointError, match="unreadable.*--force"):
+        ckpt.load(path)
+    torch.save({"state_dict": {}}, path)
+    with pytest.raises(CheckpointError, match="not a checkpoint written by this framework"):
+        ckpt.load(path)
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        ckpt.load(tmp_path / "missing.pth.tar")
+
+
+def test_weights_that_do_not_fit_the_model_are_a_clear_error():
+    trained(max_epoch=1)
+    state = latest()
+    state["models"]["model"]["weight"] = torch.zeros(3, 8)
+    with pytest.raises(CheckpointError, match="do not fit model 'model'"):
+        build(checkpoint=state)
+    del state["models"]["model"]
+    with pytest.raises(CheckpointError, match="no weights for model 'model'"):
+        build(checkpoint=state)
+
+
+def test_early_stopping_after_patience_validations_without_improvement():
+    agent = trained(max_epoch=10, learning_rate=0.0, early_stopping_patience=2)
+    assert agent.status == "early_stopped"
+    assert agent.current_epoch == 3 and agent.best_epoch == 1
+
+
+def test_keep_last_checkpoints_and_best():
+    trained(max_epoch=4, keep_last_checkpoints=2)
+    names = sorted(p.name for p in (ckpt.Path("experiments/tiny/checkpoints")).iterdir())
+    assert names == ["checkpoint.pth.tar", "epoch_0003.pth.tar", "epoch_0004.pth.tar", "model_best.pth.tar"]
+
+
+def test_validate_every_and_always_at_the_end():
+    agent = build(max_epoch=3, validate_every=2)
+    validated = []
+    original = agent.validate
+    agent.validate = lambda: validated.append(agent.current_epoch) or original()
+    agent.run()
+    assert validated == [2, 3]
+
+
+def test_a_missing_hook_fails_when_the_agent_is_built():
+    from agents.base import SupervisedAgent
+
+    class NoValidation(SupervisedAgent):       # forgot validate_step
+        def build(self):
+            pass
+
+        def train_step(self, batch):
+            pass
+
+    _, cfg = make_config(TINY)
+    with pytest.raises(TypeError, match="validate_step"):
+        NoValidation(cfg)
+
+
+def test_a_diverging_loss_stops_with_a_clear_error():
+    agent = build(learning_rate=1e38, momentum=0.0)
+    with pytest.raises(UserError, match="training diverged.*lower learning_rate"):
+        agent.run()
+    assert agent.status == "failed"

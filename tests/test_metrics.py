@@ -1,0 +1,37 @@
+import math
+
+import torch
+
+from utils.metrics import AverageMeter, MeterGroup
+
+
+def test_average_weights_batches_by_size():
+    meter = AverageMeter()
+    meter.update(1.0, n=10)      # a full batch
+    meter.update(0.0, n=30)
+    assert meter.avg == 0.25     # not the mean of batch means (0.5)
+
+
+def test_tensor_values_accumulate_without_grad():
+    meter = AverageMeter()
+    weight = torch.ones((), requires_grad=True)
+    meter.update(weight * 2, n=3)
+    meter.update(torch.tensor(4.0), n=1)
+    assert math.isclose(meter.avg, 2.5)
+    assert not meter.total.requires_grad
+
+
+def test_empty_meter_is_nan_and_reset_clears():
+    meter = AverageMeter()
+    assert math.isnan(meter.avg)
+    meter.update(3.0, 2)
+    meter.reset()
+    assert math.isnan(meter.avg)
+
+
+def test_group_matches_whole_data_set_accuracy():
+    correct = torch.tensor([1, 1, 1, 0, 0, 1, 0])       # 4 of 7 right
+    group = MeterGroup()
+    for batch in (correct[:4], correct[4:]):             # batches of 4 and 3
+        group.update({"accuracy": batch.float().mean()}, n=len(batch))
+    assert math.isclose(group.averages("val/")["val/accuracy"], 4 / 7)

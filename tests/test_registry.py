@@ -1,0 +1,45 @@
+import subprocess
+import sys
+
+import pytest
+
+from agents import AGENTS, get_agent_class
+from utils.errors import ConfigError
+from tests.conftest import ROOT
+
+
+def test_registered_agent_resolves():
+    assert get_agent_class("MnistAgent").__name__ == "MnistAgent"
+
+
+def test_unknown_agent_lists_the_valid_ones():
+    with pytest.raises(ConfigError) as error:
+        get_agent_class("MnistAgnet")
+    message = str(error.value)
+    assert "did you mean \"MnistAgent\"" in message
+    for name in AGENTS:
+        assert name in message
+
+
+def test_user_agent_by_module_and_class():
+    assert get_agent_class("tests.tiny_agent:TinyAgent").__name__ == "TinyAgent"
+    with pytest.raises(ConfigError, match="no module 'tests.nope'"):
+        get_agent_class("tests.nope:X")
+    with pytest.raises(ConfigError, match="has no class 'Nope'"):
+        get_agent_class("tests.tiny_agent:Nope")
+    with pytest.raises(ConfigError, match="not a subclass of agents.base.BaseAgent"):
+        get_agent_class("tests.tiny_agent:SimpleNamespace")
+
+
+def test_missing_dependency_is_named(tmp_path, monkeypatch):
+    (tmp_path / "needs_dep.py").write_text("import a_package_that_is_not_installed\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match="needs the package 'a_package_that_is_not_installed'"):
+        get_agent_class("needs_dep:Agent")
+
+
+def test_resolving_one_agent_imports_no_other_agent():
+    code = ("import sys; from agents import get_agent_class; get_agent_class('MnistAgent'); "
+            "print(sorted(m for m in sys.modules if m.startswith('agents.')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['agents.base', 'agents.mnist']"

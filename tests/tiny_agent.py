@@ -1,0 +1,51 @@
+"""A seconds-fast agent for testing BaseAgent: a linear classifier on fixed random points.
+Used in configs as "agent": "tests.tiny_agent:TinyAgent" (a user's own agent, not registered)."""
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn, optim
+
+from agents.base import SupervisedAgent
+from utils.config import Key
+from utils.data import TensorBatchLoader
+
+
+class TinyAgent(SupervisedAgent):
+    DEFAULTS = {
+        "learning_rate": 0.1,
+        "momentum": 0.9,
+        "n_samples": 96,
+        "batch_size": 16,
+        "max_epoch": 3,
+        "log_interval": 1,
+        "lr_gamma": 0.9,
+        "scheduler_interval": Key("epoch", choices=("epoch", "iteration")),
+        "monitor": "val/accuracy",
+        "monitor_mode": "max",
+    }
+    metrics = ("loss", "accuracy")
+
+    def build(self):
+        cfg = self.config
+        generator = torch.Generator().manual_seed(0)
+        points = torch.randn(cfg.n_samples, 8, generator=generator)
+        labels = (points[:, 0] + 0.5 * points[:, 1] > 0).long()
+        self.model = self.add_model("model", nn.Linear(8, 2))
+        optimizer = self.add_optimizer("optimizer", optim.SGD(self.model.parameters(), lr=cfg.learning_rate,
+                                                              momentum=cfg.momentum))
+        self.add_scheduler("scheduler", optim.lr_scheduler.StepLR(optimizer, 1, gamma=cfg.lr_gamma),
+                           interval=cfg.scheduler_interval)
+        self.data_loader = SimpleNamespace(
+            train_loader=TensorBatchLoader(points, labels, cfg.batch_size, shuffle=True),
+            valid_loader=TensorBatchLoader(points[:40], labels[:40], 16))
+
+    def train_step(self, batch):
+        points, labels = batch
+        return F.cross_entropy(self.model(points), labels)
+
+    def validate_step(self, batch):
+        points, labels = batch
+        logits = self.model(points)
+        return {"loss": F.cross_entropy(logits, labels),
+                "accuracy": (logits.argmax(1) == labels).float().mean()}
