@@ -138,7 +138,7 @@ def main():
         os.chdir(previous_dir)  # leave the folder before it is deleted
 
     print(f"MNIST epoch: {TRAIN_SIZE:,} training {source}, batch {BATCH_SIZE}, {device}, "
-          f"{torch.get_num_threads()} threads, median of {args.epochs} epochs after 1 warm-up")
+          f"{torch.get_num_threads()} threads, median of {args.epochs} timed epoch(s) after 1 warm-up")
     agent_s = statistics.median(agent_times[1:])
     rows = [(f"plain, DataLoader num_workers={workers}", statistics.median(times[1:]))
             for workers, (_, times) in plain_sides.items()]

@@ -4,6 +4,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -113,7 +114,8 @@ def test_inline_json_config(mnist_folder, tmp_path):
     assert (tmp_path / "experiments" / "inline" / "checkpoints" / "model_best.pth.tar").is_file()
 
 
-def test_ctrl_c_saves_and_resume_continues(mnist_folder, tmp_path):
+@pytest.mark.parametrize("delay", [0.0, 0.3], ids=["at-epoch-end", "mid-epoch"])
+def test_ctrl_c_saves_and_resume_continues(delay, mnist_folder, tmp_path):
     args = [sys.executable, str(MAIN), CONFIG, *mnist_overrides(mnist_folder, max_epoch=1000)]
     process = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
@@ -121,6 +123,7 @@ def test_ctrl_c_saves_and_resume_continues(mnist_folder, tmp_path):
         for line in process.stdout:
             if line.startswith("epoch 2/"):
                 break
+        time.sleep(delay)
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=120)
     finally:

@@ -1,9 +1,12 @@
 """Checkpoint files: atomic writes, safe loads (weights_only), RNG state capture."""
+import contextlib
 import os
 import pickle
 import random
 import shutil
+import signal
 import tempfile
+import threading
 import zipfile
 from pathlib import Path
 
@@ -13,6 +16,26 @@ import torch
 from utils.errors import CheckpointError
 
 FORMAT_VERSION = 1
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Hold Ctrl+C (SIGINT) and SIGTERM until the block is done, then raise KeyboardInterrupt.
+    torch.save interrupted halfway raises a RuntimeError from its zip writer instead of the
+    KeyboardInterrupt, which would turn a clean Ctrl+C into a crash."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if received:
+        raise KeyboardInterrupt
 
 
 def _temporary_beside(path: Path) -> str:
@@ -29,16 +52,17 @@ def save_atomic(obj, path: Path):
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`:
     a crash or Ctrl+C mid-write leaves the previous file intact."""
     path = Path(path)
-    tmp = _temporary_beside(path)
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with interrupts_deferred():
+        tmp = _temporary_beside(path)
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def copy_atomic(src: Path, dst: Path):
