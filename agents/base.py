@@ -73,9 +73,11 @@ class BaseAgent(abc.ABC):
     @classmethod
     def check_config(cls, config):
         """Checks across keys, run before the experiment folder is touched."""
-        for key in ("max_epoch", "log_interval", "validate_every"):
-            if config[key] < 1:
+        for key in ("max_epoch", "log_interval", "validate_every", "early_stopping_patience"):
+            if config[key] is not None and config[key] < 1:
                 raise ConfigError(f"config key '{key}' must be at least 1, got {config[key]}")
+        if config.keep_last_checkpoints < 0:
+            raise ConfigError("config key 'keep_last_checkpoints' cannot be negative")
         if cls.metrics:
             known = [f"val/{name}" for name in cls.metrics]
             if config.monitor not in known:

@@ -8,18 +8,11 @@ from utils.errors import ConfigError
 
 
 def seed_everything(seed: int):
-    """Seed python, numpy and torch (CPU and every CUDA device)."""
+    """Seed python, numpy and torch (CPU and every CUDA device). DataLoader workers follow: each
+    draws its base seed from torch's generator and seeds its own python, numpy and torch from it."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds all CUDA devices
-
-
-def seed_worker(worker_id: int):
-    """DataLoader worker_init_fn: torch seeds each worker from the loader's base seed; python's and
-    numpy's generators must be derived from it by hand."""
-    worker_seed = torch.initial_seed() % 2**32
-    random.seed(worker_seed)
-    np.random.seed(worker_seed)
 
 
 def _mps_available() -> bool:
