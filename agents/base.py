@@ -14,15 +14,14 @@ import time
 from types import NoneType
 
 import torch
-from tensorboardX import SummaryWriter
-from tensorboardX.summary import hparams as hparams_summary
 from tqdm import tqdm
 
 from utils import checkpoint as ckpt
 from utils.config import Key, create_experiment_dirs, experiment_paths, write_json_atomic
 from utils.errors import CheckpointError, ConfigError, UserError
-from utils.metrics import AverageMeter, MeterGroup
+from utils.metrics import MeterGroup
 from utils.runtime import seed_everything, select_device
+from utils.summary import SummaryWriter
 
 LATEST = "checkpoint.pth.tar"
 BEST = "model_best.pth.tar"
@@ -156,10 +155,12 @@ class BaseAgent(abc.ABC):
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def to_device(self, batch):
+        device = self.device
         if torch.is_tensor(batch):
-            return batch.to(self.device, non_blocking=True)
+            return batch.to(device, non_blocking=True)
         if isinstance(batch, (list, tuple)):
-            return type(batch)(self.to_device(item) for item in batch)
+            return type(batch)([item.to(device, non_blocking=True) if torch.is_tensor(item)
+                                else self.to_device(item) for item in batch])
         if isinstance(batch, dict):
             return {key: self.to_device(value) for key, value in batch.items()}
         return batch
@@ -228,6 +229,7 @@ class BaseAgent(abc.ABC):
             self._log_epoch(metrics, is_best, time.perf_counter() - started)
             self.save_checkpoint(is_best)
             self.write_results()
+            self.writer.flush()
             if cfg.early_stopping_patience is not None and self.bad_epochs >= cfg.early_stopping_patience:
                 self.logger.info(f"early stopping: {cfg.monitor} has not improved for "
                                  f"{self.bad_epochs} validations (best {self.best_value:.6g} "
@@ -410,9 +412,7 @@ class BaseAgent(abc.ABC):
         if self.best_value is not None:
             metric_tags[best_tag] = self.best_value
             self.writer.add_scalar(best_tag, self.best_value, self.current_epoch)
-        file_writer = self.writer._get_file_writer()
-        for summary in hparams_summary(hparams, metric_tags):
-            file_writer.add_summary(summary)
+        self.writer.add_hparams(hparams, metric_tags)
 
 
 class SupervisedAgent(BaseAgent):
@@ -449,13 +449,14 @@ class SupervisedAgent(BaseAgent):
 
     def batch_size_of(self, batch) -> int:
         first = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return len(first)
+        return first.shape[0]
 
     def train_one_epoch(self):
-        cfg, writer, optimizer, scaler = self.config, self.writer, self.optimizer, self.scaler
+        cfg, optimizer, scaler = self.config, self.optimizer, self.scaler
         has_iteration_schedulers = any(when == "iteration" for _, when in self._schedulers.values())
         self.train_mode(True)
-        epoch_loss = AverageMeter()
+        # Losses wait as tensors and are summed at each log_interval: no device sync per step.
+        pending_losses, pending_sizes, loss_sum, sample_count = [], [], 0.0, 0
         loader = self.data_loader.train_loader
         bar = self.progress(loader, desc=f"epoch {self.current_epoch + 1}", leave=False, total=len(loader))
         for batch in bar:
@@ -476,19 +477,34 @@ class SupervisedAgent(BaseAgent):
             self.current_iteration += 1
             if has_iteration_schedulers:
                 self._step_schedulers("iteration")
-            epoch_loss.update(loss, self.batch_size_of(batch))
+            pending_losses.append(loss.detach())
+            pending_sizes.append(self.batch_size_of(batch))
             if self.current_iteration % cfg.log_interval == 0:
+                loss_sum, sample_count = self._sum_losses(pending_losses, pending_sizes, loss_sum, sample_count)
                 logged = out if isinstance(out, dict) else {"loss": loss}
-                values = {name: float(value.detach() if torch.is_tensor(value) else value)
+                values = {f"train/{name}": float(value.detach() if torch.is_tensor(value) else value)
                           for name, value in logged.items()}
-                if not math.isfinite(values["loss"]):
-                    raise UserError(f"training diverged: the loss is {values['loss']} at epoch "
+                if not math.isfinite(values["train/loss"]):
+                    raise UserError(f"training diverged: the loss is {values['train/loss']} at epoch "
                                     f"{self.current_epoch + 1}, iteration {self.current_iteration}; "
                                     "lower learning_rate (the last checkpoint is kept)")
-                for name, value in values.items():
-                    writer.add_scalar(f"train/{name}", value, self.current_iteration)
-                bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
-        return {"train/loss": epoch_loss.avg}
+                for tag, value in values.items():
+                    self.writer.add_scalar(tag, value, self.current_iteration)
+                bar.set_postfix(loss=f"{values['train/loss']:.4f}", refresh=False)
+        loss_sum, sample_count = self._sum_losses(pending_losses, pending_sizes, loss_sum, sample_count)
+        return {"train/loss": loss_sum / sample_count if sample_count else math.nan}
+
+    @staticmethod
+    def _sum_losses(losses: list, sizes: list, loss_sum: float, count: int):
+        """Fold the pending per-batch mean losses into the running sum, weighted by batch size;
+        empties the lists."""
+        if losses:
+            weights = torch.tensor(sizes, dtype=torch.float32, device=losses[0].device)
+            loss_sum += float(torch.stack(losses).float() @ weights)
+            count += sum(sizes)
+            losses.clear()
+            sizes.clear()
+        return loss_sum, count
 
     def log_samples(self, batch):
         """A grid of the first training images, shown once per run in TensorBoard."""

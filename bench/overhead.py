@@ -43,7 +43,7 @@ TARGET = 1.10          # agent/plain for the training loop
 
 def make_data(train_size: int):
     """((inputs (N, 784), labels (N,)) for train, the same for valid), identical on every call,
-    so the agent's build() and the plain loop see the same numbers in the same order."""
+    so the agent's build() and the plain loop train on the same numbers."""
     generator = torch.Generator().manual_seed(0)
     return tuple((torch.randn(n, 784, generator=generator), torch.randint(0, 10, (n,), generator=generator))
                  for n in (train_size, VALID_SIZE))
@@ -120,6 +120,12 @@ def plain_test(plain, log):
     print(f"Test set: loss {total_loss / VALID_SIZE:.4f}, accuracy {correct}/{VALID_SIZE}", file=log)
 
 
+def plain_run(plain, epochs: int, log):
+    for epoch in range(1, epochs + 1):
+        plain_train(plain, epoch, log)
+        plain_test(plain, log)
+
+
 def seconds(fn) -> float:
     started = time.perf_counter()
     fn()
@@ -141,22 +147,19 @@ def main():
         # Bars are still built and formatted, only not shown; the plain loop's lines go there too.
         with contextlib.redirect_stderr(devnull):
             # (a) One agent and one plain model, trained epoch after epoch; repeat 0 is a warm-up
-            # (allocator, first-call dispatch, the agent's one-off sample images).
+            # (allocator, first calls). train_one_epoch is every per-step line a real run executes.
             agent, plain = build_agent("overhead_loop", args.train_size, 1), build_plain(args.train_size)
             for repeat in range(args.repeats + 1):
-                plain_s = seconds(lambda: plain_train(plain, repeat + 1, devnull))
-                agent_s = seconds(agent.train_one_epoch)
-                if repeat > 0:
-                    loop_times[0].append(plain_s)
-                    loop_times[1].append(agent_s)
+                loop_times[0].append(seconds(lambda: plain_train(plain, repeat + 1, devnull)))
+                loop_times[1].append(seconds(agent.train_one_epoch))
+            loop_times = tuple(times[1:] for times in loop_times)
             agent.finalize()
 
             # (b) A fresh run per repeat. Building the agent (writer, folders) and finalize()
             # (results.json, hparams) happen once per run, not per step: left out of the timing.
             for repeat in range(args.repeats):
                 plain = build_plain(args.train_size)
-                run_times[0].append(seconds(lambda: [(plain_train(plain, epoch, devnull), plain_test(plain, devnull))
-                                                     for epoch in range(1, args.epochs + 1)]))
+                run_times[0].append(seconds(lambda: plain_run(plain, args.epochs, devnull)))
                 agent = build_agent(f"overhead_run_{repeat}", args.train_size, args.epochs)
                 run_times[1].append(seconds(agent.run))
                 agent.finalize()

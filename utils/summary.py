@@ -1,0 +1,70 @@
+"""TensorBoard event files written synchronously by the training process.
+
+tensorboardX's SummaryWriter hands every event to a multiprocessing queue drained by two threads:
+about 150 us of the caller's time and GIL per scalar, a tenth of a small model's training step.
+This writer builds the same protocol buffers with tensorboardX.summary and appends them to one
+buffered event file (~15 us a scalar), flushed every `flush_secs` and on flush()/close().
+"""
+import itertools
+import os
+import time
+
+from tensorboardX import summary
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto.event_pb2 import Event
+from tensorboardX.proto.summary_pb2 import Summary
+
+
+_writers_opened = itertools.count()
+
+
+class SummaryWriter:
+    """The subset of tensorboardX.SummaryWriter that agents use, with the same signatures."""
+
+    def __init__(self, logdir, flush_secs: float = 10.0):
+        os.makedirs(logdir, exist_ok=True)
+        self.logdir = str(logdir)
+        # Event file names carry the time in whole seconds: the suffix keeps a second writer in
+        # the same second (a quick resume) from truncating the first one's file.
+        self._events = EventsWriter(os.path.join(self.logdir, "events"),
+                                    filename_suffix=f".{os.getpid()}.{next(_writers_opened)}")
+        self._flush_secs = flush_secs
+        self._last_flush = time.time()
+
+    def add_summary(self, summary_proto: Summary, global_step=None, walltime=None):
+        now = time.time()
+        event = Event(wall_time=now if walltime is None else walltime, summary=summary_proto)
+        if global_step is not None:
+            event.step = int(global_step)
+        self._events.write_event(event)
+        if now - self._last_flush > self._flush_secs:
+            self.flush()
+
+    def add_scalar(self, tag: str, scalar_value, global_step=None, walltime=None):
+        value = Summary.Value(tag=tag, simple_value=float(scalar_value))
+        self.add_summary(Summary(value=[value]), global_step, walltime)
+
+    def add_image(self, tag: str, img_tensor, global_step=None, dataformats="CHW"):
+        self.add_summary(summary.image(tag, img_tensor, dataformats=dataformats), global_step)
+
+    def add_images(self, tag: str, img_tensor, global_step=None, dataformats="NCHW"):
+        """A batch of images in [0, 1], shown as one grid."""
+        self.add_summary(summary.image(tag, img_tensor, dataformats=dataformats), global_step)
+
+    def add_histogram(self, tag: str, values, global_step=None, bins="tensorflow"):
+        self.add_summary(summary.histogram(tag, values, bins), global_step)
+
+    def add_text(self, tag: str, text_string: str, global_step=None):
+        self.add_summary(summary.text(tag, text_string), global_step)
+
+    def add_hparams(self, hparam_dict: dict, metric_dict: dict):
+        """The HParams tab's entry for this run; metric_dict's tags are scalars of this run."""
+        for part in summary.hparams(hparam_dict, metric_dict):
+            self.add_summary(part)
+
+    def flush(self):
+        self._events.flush()
+        self._last_flush = time.time()
+
+    def close(self):
+        self._events.close()
