@@ -211,6 +211,10 @@ class BaseAgent(abc.ABC):
             self.logger.info(f"already trained {self.current_epoch} epochs (max_epoch is "
                              f"{cfg.max_epoch}); raise max_epoch to train on")
             return
+        if self._patience_spent():
+            self.logger.info("this run already stopped early; raise early_stopping_patience to train on")
+            self.status = "early_stopped"
+            return
         epochs = self.progress(range(self.current_epoch, cfg.max_epoch), desc="epochs",
                                initial=self.current_epoch, total=cfg.max_epoch)
         for _ in epochs:
@@ -230,12 +234,16 @@ class BaseAgent(abc.ABC):
             self.save_checkpoint(is_best)
             self.write_results()
             self.writer.flush()
-            if cfg.early_stopping_patience is not None and self.bad_epochs >= cfg.early_stopping_patience:
+            if self._patience_spent():
                 self.logger.info(f"early stopping: {cfg.monitor} has not improved for "
-                                 f"{self.bad_epochs} validations (best {self.best_value:.6g} "
+                                 f"{self.bad_epochs} validations (best {self.best_value} "
                                  f"at epoch {self.best_epoch})")
                 self.status = "early_stopped"
                 break
+
+    def _patience_spent(self) -> bool:
+        patience = self.config.early_stopping_patience
+        return patience is not None and self.bad_epochs >= patience
 
     @abc.abstractmethod
     def train_one_epoch(self) -> dict | None:

@@ -124,6 +124,9 @@ def test_early_stopping_after_patience_validations_without_improvement():
     agent = trained(max_epoch=10, learning_rate=0.0, early_stopping_patience=2)
     assert agent.status == "early_stopped"
     assert agent.current_epoch == 3 and agent.best_epoch == 1
+    resumed = build(checkpoint=latest(), max_epoch=10, learning_rate=0.0, early_stopping_patience=2)
+    resumed.run()
+    assert resumed.status == "early_stopped" and resumed.current_epoch == 3
 
 
 def test_keep_last_checkpoints_and_best():
@@ -161,3 +164,11 @@ def test_a_diverging_loss_stops_with_a_clear_error():
     with pytest.raises(UserError, match="training diverged.*lower learning_rate"):
         agent.run()
     assert agent.status == "failed"
+
+
+def test_bf16_autocast_trains_on_cpu_and_fp16_asks_for_a_gpu():
+    agent = trained(max_epoch=2, amp="bf16")
+    assert agent.status == "completed" and agent.best_value > 0.5
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="fp16.*needs a CUDA device"):
+            build(amp="fp16", device="cpu")
