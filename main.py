@@ -15,6 +15,7 @@ from pathlib import Path
 from agents import make_config
 from agents.base import BEST, LATEST
 from utils import checkpoint as ckpt
+from utils import distributed
 from utils.config import (clear_experiment, create_experiment_dirs, experiment_paths, has_checkpoints,
                           setup_logging, write_json_atomic)
 from utils.errors import CheckpointError, UserError
@@ -74,19 +75,26 @@ def run(args) -> int:
     if args.print_config:
         print(json.dumps(config, indent=2))
         return 0
-    if config.mode == "train" and args.force and not args.resume:
-        clear_experiment(paths)
-    create_experiment_dirs(paths)
-    write_json_atomic(paths.root / ("config.json" if config.mode == "train"
-                                    else f"config_{config.mode}.json"), config)
-    setup_logging(paths.logs)
+    if distributed.is_main():
+        # Under torchrun only rank 0 writes; the others log warnings and errors to the console.
+        if config.mode == "train" and args.force and not args.resume:
+            clear_experiment(paths)
+        create_experiment_dirs(paths)
+        write_json_atomic(paths.root / ("config.json" if config.mode == "train"
+                                        else f"config_{config.mode}.json"), config)
+        setup_logging(paths.logs)
+    else:
+        setup_logging(None, console_level=logging.WARNING)
     logger.info(f"{config.exp_name}: {agent_class.__name__}, mode {config.mode} -> {paths.root}")
-    agent = agent_class(config, checkpoint)
-    del checkpoint
     try:
-        agent.run()
+        agent = agent_class(config, checkpoint)
+        del checkpoint
+        try:
+            agent.run()
+        finally:
+            agent.finalize()
     finally:
-        agent.finalize()
+        distributed.shutdown()
     return 130 if agent.status == "interrupted" else 0
 
 

@@ -9,19 +9,23 @@ import contextlib
 import json
 import logging
 import math
+import os
 import sys
 import time
 from types import NoneType
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from utils import checkpoint as ckpt
+from utils import distributed
 from utils.config import Key, create_experiment_dirs, experiment_paths, write_json_atomic
 from utils.errors import CheckpointError, ConfigError, UserError
 from utils.metrics import MeterGroup
 from utils.runtime import seed_everything, select_device
-from utils.summary import SummaryWriter
+from utils.data import TensorBatchLoader
+from utils.summary import NullWriter, SummaryWriter
 
 LATEST = "checkpoint.pth.tar"
 BEST = "model_best.pth.tar"
@@ -49,6 +53,10 @@ class BaseAgent(abc.ABC):
         "checkpoint_file": Key(None, types=(str, NoneType)),
         "keep_last_checkpoints": 0,
         "amp": Key("off", choices=("off", "bf16", "fp16")),
+        "compile": False,             # torch.compile the declared models
+        "channels_last": False,       # NHWC memory format for models and 4-D input batches
+        "deterministic": False,       # deterministic algorithms; otherwise cudnn.benchmark on GPU
+        "distributed_timeout_s": 600,  # under torchrun: a collective waiting longer fails
         # tqdm bars: "auto" shows them on a terminal and leaves them out of redirected output.
         "progress_bar": Key("auto", types=(bool, str), choices=("auto", True, False)),
     }
@@ -89,15 +97,21 @@ class BaseAgent(abc.ABC):
         self.config = config
         self.logger = logging.getLogger(type(self).__name__)
         self.paths = experiment_paths(config.exp_name)
-        create_experiment_dirs(self.paths)
+        if distributed.is_main():
+            create_experiment_dirs(self.paths)
 
-        # Seed before anything random is built, then the device, then the writer.
+        # Seed before anything random is built, then the device, then the writer. Every process
+        # of a distributed run gets the same seed: same initial weights, same data permutation.
         seed_everything(config.seed)
-        self.device = select_device(config.device, config.cuda, config.gpu_device)
-        if config.amp == "fp16" and self.device.type != "cuda":
-            raise ConfigError(f"\"amp\": \"fp16\" needs a CUDA device (this run is on {self.device}); "
-                              "use \"bf16\" or \"off\"")
-        self.writer = SummaryWriter(str(self.paths.summaries))
+        self.world_size, self.rank = distributed.world_size(), distributed.rank()
+        self.is_main = distributed.is_main()
+        gpu = distributed.local_rank() if self.world_size > 1 else config.gpu_device
+        self.device = select_device(config.device, config.cuda, gpu)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        distributed.init(self.device, config.distributed_timeout_s)
+        self._set_determinism(config.deterministic)
+        self.writer = SummaryWriter(str(self.paths.summaries)) if self.is_main else NullWriter()
 
         self.current_epoch = 0        # epochs completed
         self.current_iteration = 0    # optimizer steps taken
@@ -110,15 +124,16 @@ class BaseAgent(abc.ABC):
         self._wall_time_before = 0.0  # seconds spent in earlier sessions of this run
         self._started = time.perf_counter()
         self._models, self._optimizers, self._schedulers = {}, {}, {}
-        self.scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if config.amp == "fp16" else None
 
         self.build()
         if not self._models:
             raise TypeError(f"{type(self).__name__}.build() declared no model: "
                             "use self.add_model(name, module)")
+        self._shard_data()
         for name, count in self.parameter_counts().items():
             self.logger.info(f"{name}: {count:,} parameters")
-        self.logger.info(f"device: {self.device}")
+        self.logger.info(f"device: {self.device}" + (f" (x {self.world_size} processes)" if self.world_size > 1 else ""))
         if checkpoint is not None:
             self.load_checkpoint(checkpoint, training=config.mode == "train")
 
@@ -128,8 +143,17 @@ class BaseAgent(abc.ABC):
         declaring the stateful ones with add_model / add_optimizer / add_scheduler."""
 
     def add_model(self, name: str, module: torch.nn.Module) -> torch.nn.Module:
+        """Declare a model: moved to the device (channels_last if asked), checkpointed by name.
+        Returns what the agent should call: wrapped in DistributedDataParallel under torchrun and
+        compiled with "compile": true; checkpoints always hold the plain module's weights."""
         module = module.to(self.device)
+        if self.config.channels_last:
+            module = module.to(memory_format=torch.channels_last)
         self._models[name] = module
+        if self.world_size > 1 and any(p.requires_grad for p in module.parameters()):
+            module = DistributedDataParallel(module, device_ids=[self.device] if self.device.type == "cuda" else None)
+        if self.config.compile:
+            module = torch.compile(module)
         return module
 
     def add_optimizer(self, name: str, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -155,10 +179,16 @@ class BaseAgent(abc.ABC):
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def to_device(self, batch):
+        """Tensors to the device (non-blocking: from pinned memory the copy overlaps compute);
+        4-D float batches to channels_last when the config asks for it."""
         device = self.device
         if torch.is_tensor(batch):
+            if self.config.channels_last and batch.dim() == 4 and batch.is_floating_point():
+                return batch.to(device, memory_format=torch.channels_last, non_blocking=True)
             return batch.to(device, non_blocking=True)
         if isinstance(batch, (list, tuple)):
+            if self.config.channels_last:
+                return type(batch)([self.to_device(item) for item in batch])
             return type(batch)([item.to(device, non_blocking=True) if torch.is_tensor(item)
                                 else self.to_device(item) for item in batch])
         if isinstance(batch, dict):
@@ -168,8 +198,44 @@ class BaseAgent(abc.ABC):
     def progress(self, iterable, **kwargs):
         """A tqdm bar on stderr (log lines print above it, see utils.config.TqdmHandler)."""
         setting = self.config.progress_bar
-        show = sys.stderr.isatty() if setting == "auto" else setting
+        show = self.is_main and (sys.stderr.isatty() if setting == "auto" else setting)
         return tqdm(iterable, disable=not show, dynamic_ncols=True, file=sys.stderr, **kwargs)
+
+    def _set_determinism(self, deterministic: bool):
+        if deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
+        elif self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fastest kernels for fixed input shapes
+
+    def _shard_data(self):
+        """Under torchrun, give each process its share of self.data_loader's loaders: the agent
+        builds them as for one process."""
+        data = getattr(self, "data_loader", None)
+        if self.world_size == 1 or data is None:
+            return
+        replaced = {}
+        for attribute in ("train_loader", "valid_loader", "test_loader"):
+            loader = getattr(data, attribute, None)
+            if isinstance(loader, TensorBatchLoader):
+                loader.shard(self.rank, self.world_size)
+            elif isinstance(loader, torch.utils.data.DataLoader):
+                if id(loader) not in replaced:
+                    replaced[id(loader)] = distributed.shard_data_loader(loader, self.config.seed)
+                setattr(data, attribute, replaced[id(loader)])
+        batch_size = self.config.get("batch_size")
+        if batch_size:
+            self.logger.info(f"batch_size {batch_size} per process x {self.world_size} processes: "
+                             f"global batch {batch_size * self.world_size}")
+
+    def _set_data_epoch(self):
+        """DistributedSampler reshuffles only when told the epoch."""
+        for attribute in ("train_loader", "valid_loader", "test_loader"):
+            sampler = getattr(getattr(getattr(self, "data_loader", None), attribute, None), "sampler", None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(self.current_epoch)
 
     def train_mode(self, training: bool = True):
         for model in self._models.values():
@@ -193,7 +259,7 @@ class BaseAgent(abc.ABC):
         except KeyboardInterrupt:
             self.status = "interrupted"
             if self.config.mode == "train":
-                self.save_checkpoint(is_best=False)
+                self.save_checkpoint(is_best=False)  # no collective here: other ranks may be gone
                 self.logger.warning(f"interrupted: checkpoint saved at epoch {self.current_epoch}, "
                                     f"iteration {self.current_iteration}; continue with --resume")
             else:
@@ -219,6 +285,7 @@ class BaseAgent(abc.ABC):
                                initial=self.current_epoch, total=cfg.max_epoch)
         for _ in epochs:
             started = time.perf_counter()
+            self._set_data_epoch()
             self.log_learning_rates()
             metrics = dict(self.train_one_epoch() or {})
             self.current_epoch += 1
@@ -313,6 +380,8 @@ class BaseAgent(abc.ABC):
         }
 
     def save_checkpoint(self, is_best: bool):
+        if not self.is_main:
+            return
         folder = self.paths.checkpoints
         latest = folder / LATEST
         ckpt.save_atomic(self.state_dict(), latest)
@@ -384,6 +453,8 @@ class BaseAgent(abc.ABC):
         }
 
     def write_results(self):
+        if not self.is_main:
+            return
         path = self.paths.root / "results.json"
         if self.config.mode == "train":
             results = self.results()
@@ -500,6 +571,8 @@ class SupervisedAgent(BaseAgent):
                     self.writer.add_scalar(tag, value, self.current_iteration)
                 bar.set_postfix(loss=f"{values['train/loss']:.4f}", refresh=False)
         loss_sum, sample_count = self._sum_losses(pending_losses, pending_sizes, loss_sum, sample_count)
+        loss_sum, sample_count = distributed.all_reduce_sum(
+            torch.tensor([loss_sum, sample_count], dtype=torch.float64)).tolist()
         return {"train/loss": loss_sum / sample_count if sample_count else math.nan}
 
     @staticmethod

@@ -1,6 +1,6 @@
 """A seconds-fast agent for testing BaseAgent: a linear classifier on fixed random points.
 Used in configs as "agent": "tests.tiny_agent:TinyAgent" (a user's own agent, not registered)."""
-from types import SimpleNamespace
+from types import NoneType, SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,9 @@ class TinyAgent(SupervisedAgent):
         "scheduler_interval": Key("epoch", choices=("epoch", "iteration")),
         "monitor": "val/accuracy",
         "monitor_mode": "max",
+        # For the distributed tests: this rank raises at this iteration, as a crashing process would.
+        "crash_at_iteration": Key(None, types=(int, NoneType)),
+        "crash_rank": 1,
     }
     metrics = ("loss", "accuracy")
 
@@ -41,6 +44,8 @@ class TinyAgent(SupervisedAgent):
             valid_loader=TensorBatchLoader(points[:40], labels[:40], 16))
 
     def train_step(self, batch):
+        if self.current_iteration == self.config.crash_at_iteration and self.rank == self.config.crash_rank:
+            raise RuntimeError(f"simulated crash of rank {self.rank}")
         points, labels = batch
         return F.cross_entropy(self.model(points), labels)
 

@@ -22,19 +22,35 @@ class TensorBatchLoader:
         self.inputs, self.targets = inputs, targets
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.transform = transform
+        self.rank, self.world_size = 0, 1
+
+    def shard(self, rank: int, world_size: int):
+        """Iterate only this process's share, as DistributedSampler would: every process draws the
+        same permutation (same seed) and takes every world_size-th sample from `rank` on. A
+        shuffled (training) loader drops the remainder so every process takes the same number of
+        steps; an evaluation loader keeps every sample, in uneven shares."""
+        self.rank, self.world_size = rank, world_size
+
+    def _local_count(self) -> int:
+        n = len(self.inputs)
+        if self.shuffle:
+            return n // self.world_size
+        return len(range(self.rank, n, self.world_size))
 
     def __len__(self):
-        n = len(self.inputs)
+        n = self._local_count()
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self):
-        n = len(self.inputs)
+        n, local = len(self.inputs), self._local_count()
         if self.shuffle:
-            order = torch.randperm(n).to(self.inputs.device)
+            order = torch.randperm(n)[self.rank::self.world_size][:local].to(self.inputs.device)
+        elif self.world_size > 1:
+            order = torch.arange(self.rank, n, self.world_size, device=self.inputs.device)
         else:
             order = None
         for i in range(len(self)):
-            start, stop = i * self.batch_size, min((i + 1) * self.batch_size, n)
+            start, stop = i * self.batch_size, min((i + 1) * self.batch_size, local)
             if order is None:
                 inputs, targets = self.inputs[start:stop], self.targets[start:stop]
             else:

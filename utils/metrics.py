@@ -3,6 +3,8 @@ import math
 
 import torch
 
+from utils.distributed import all_reduce_sum
+
 
 class AverageMeter:
     """Mean of a per-batch value weighted by the batch's sample count.
@@ -42,4 +44,10 @@ class MeterGroup:
             self.meters.setdefault(name, AverageMeter()).update(value, n)
 
     def averages(self, prefix: str = "") -> dict:
-        return {prefix + name: meter.avg for name, meter in self.meters.items()}
+        """Means over everything seen, by every process of a distributed run."""
+        names = list(self.meters)
+        sums = torch.tensor([[float(self.meters[name].total), self.meters[name].count] for name in names],
+                            dtype=torch.float64).reshape(-1, 2)
+        sums = all_reduce_sum(sums)
+        return {prefix + name: (total / count if count else math.nan)
+                for name, (total, count) in zip(names, sums.tolist())}

@@ -68,3 +68,10 @@ class SummaryWriter:
 
     def close(self):
         self._events.close()
+
+
+class NullWriter:
+    """The writer of a process that is not rank 0 in a distributed run: every call does nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None

@@ -1,0 +1,79 @@
+"""What BaseAgent needs of torch.distributed, for runs launched by torchrun.
+
+torchrun sets WORLD_SIZE, RANK and LOCAL_RANK for every process; without it the run is a single
+process and every function here is a no-op.
+"""
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_distributed() -> bool:
+    return world_size() > 1
+
+
+def is_main() -> bool:
+    """Only this process writes logs, TensorBoard, results.json and checkpoints."""
+    return rank() == 0
+
+
+def init(device: torch.device, timeout_s: float):
+    """Join the process group: NCCL between GPUs, gloo on CPU. A collective that waits longer than
+    timeout_s (a rank crashed or hangs) fails with an error instead of blocking forever."""
+    if not is_distributed() or dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+
+
+def shutdown():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum of `values` over all processes, on the device the backend needs, returned where
+    `values` was."""
+    if not dist.is_initialized():
+        return values
+    backend_device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
+                      else torch.device("cpu"))
+    reduced = values.to(backend_device)
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+    return reduced.to(values.device)
+
+
+def shard_data_loader(loader, seed: int):
+    """The same DataLoader with a DistributedSampler: each process iterates its share, reshuffled
+    every epoch by sampler.set_epoch (BaseAgent calls it)."""
+    from torch.utils.data import DataLoader, RandomSampler
+    from torch.utils.data.distributed import DistributedSampler
+
+    shuffle = isinstance(loader.sampler, RandomSampler)
+    sampler = DistributedSampler(loader.dataset, shuffle=shuffle, seed=seed, drop_last=loader.drop_last)
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler,
+                      num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+                      pin_memory=loader.pin_memory, drop_last=loader.drop_last,
+                      timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
+                      persistent_workers=loader.persistent_workers,
+                      prefetch_factor=loader.prefetch_factor if loader.num_workers > 0 else None)
