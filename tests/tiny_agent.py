@@ -1,5 +1,6 @@
 """A seconds-fast agent for testing BaseAgent: a linear classifier on fixed random points.
 Used in configs as "agent": "tests.tiny_agent:TinyAgent" (a user's own agent, not registered)."""
+import time
 from types import NoneType, SimpleNamespace
 
 import torch
@@ -26,6 +27,7 @@ class TinyAgent(SupervisedAgent):
         # For the distributed tests: this rank raises at this iteration, as a crashing process would.
         "crash_at_iteration": Key(None, types=(int, NoneType)),
         "crash_rank": 1,
+        "crash_by_hanging": False,    # instead of raising, stop answering (a stuck process)
     }
     metrics = ("loss", "accuracy")
 
@@ -45,6 +47,8 @@ class TinyAgent(SupervisedAgent):
 
     def train_step(self, batch):
         if self.current_iteration == self.config.crash_at_iteration and self.rank == self.config.crash_rank:
+            if self.config.crash_by_hanging:
+                time.sleep(3600)
             raise RuntimeError(f"simulated crash of rank {self.rank}")
         points, labels = batch
         return F.cross_entropy(self.model(points), labels)

@@ -1,0 +1,87 @@
+"""torchrun with 2 gloo processes on CPU, against one process, through main.py."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.conftest import MAIN, run_main
+
+TINY = {"agent": "tests.tiny_agent:TinyAgent", "progress_bar": False, "max_epoch": 3}
+
+
+def torchrun(args, cwd, nproc=2, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(MAIN), *map(str, args)]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def config(**values) -> str:
+    return json.dumps({**TINY, **values})
+
+
+def weights(cwd, exp):
+    return torch.load(cwd / "experiments" / exp / "checkpoints" / "checkpoint.pth.tar",
+                      weights_only=True)["models"]["model"]
+
+
+def results(cwd, exp):
+    return json.loads((cwd / "experiments" / exp / "results.json").read_text())
+
+
+def test_two_processes_match_one_process_with_twice_the_batch(tmp_path):
+    single = run_main([config(exp_name="one", batch_size=32)], tmp_path)
+    assert single.returncode == 0, single.stderr
+    double = torchrun([config(exp_name="two", batch_size=16)], tmp_path)
+    assert double.returncode == 0, double.stderr
+    assert "global batch 32" in double.stdout
+
+    one, two = weights(tmp_path, "one"), weights(tmp_path, "two")
+    assert one.keys() == two.keys() == {"weight", "bias"}          # no "module." prefix
+    for name in one:
+        assert torch.allclose(one[name], two[name], atol=1e-6), name
+    first, second = results(tmp_path, "one"), results(tmp_path, "two")
+    assert first["iterations"] == second["iterations"] == 9         # 96 samples / 32 per step
+    # Validation is reduced over both processes: the same numbers as one process over all of it.
+    for tag in ("val/loss", "val/accuracy"):
+        assert first["last"][tag] == pytest.approx(second["last"][tag], abs=1e-6)
+    # Only rank 0 wrote: one event file, one set of logs.
+    assert len(list((tmp_path / "experiments" / "two" / "summaries").iterdir())) == 1
+
+
+def test_a_two_process_run_resumes_under_torchrun_and_in_one_process(tmp_path):
+    straight = torchrun([config(exp_name="straight", batch_size=16)], tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    first = torchrun([config(exp_name="split", batch_size=16, max_epoch=1)], tmp_path)
+    assert first.returncode == 0, first.stderr
+    second = torchrun([config(exp_name="split", batch_size=16), "--resume"], tmp_path)
+    assert second.returncode == 0, second.stderr
+    for name, value in weights(tmp_path, "straight").items():
+        assert torch.allclose(value, weights(tmp_path, "split")[name], atol=1e-6), name
+    assert results(tmp_path, "split")["epochs_done"] == 3
+
+    alone = run_main([config(exp_name="split", batch_size=32, max_epoch=4), "--resume"], tmp_path)
+    assert alone.returncode == 0, alone.stderr
+    assert results(tmp_path, "split")["epochs_done"] == 4
+
+
+def test_a_crashing_rank_stops_the_run_with_its_error(tmp_path):
+    started = time.monotonic()
+    crashed = torchrun([config(exp_name="crash", batch_size=16, max_epoch=50, crash_at_iteration=4,
+                               distributed_timeout_s=30)], tmp_path, timeout=240)
+    assert crashed.returncode != 0
+    assert "simulated crash of rank 1" in crashed.stderr
+    assert time.monotonic() - started < 200
+
+
+def test_a_hanging_rank_times_out_instead_of_blocking_forever(tmp_path):
+    started = time.monotonic()
+    hung = torchrun([config(exp_name="hang", batch_size=16, max_epoch=50, crash_at_iteration=4,
+                            crash_by_hanging=True, distributed_timeout_s=5)], tmp_path, timeout=240)
+    assert hung.returncode != 0
+    assert "[rank0]" in hung.stderr and "timed out" in hung.stderr.lower()
+    assert time.monotonic() - started < 120
