@@ -223,7 +223,8 @@ class BaseAgent(abc.ABC):
                 loader.shard(self.rank, self.world_size)
             elif isinstance(loader, torch.utils.data.DataLoader):
                 if id(loader) not in replaced:
-                    replaced[id(loader)] = distributed.shard_data_loader(loader, self.config.seed)
+                    replaced[id(loader)] = distributed.shard_data_loader(loader, self.config.seed,
+                                                                             self.rank, self.world_size)
                 setattr(data, attribute, replaced[id(loader)])
         batch_size = self.config.get("batch_size")
         if batch_size:

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -33,10 +34,14 @@ def results(cwd, exp):
     return json.loads((cwd / "experiments" / exp / "results.json").read_text())
 
 
-def test_two_processes_match_one_process_with_twice_the_batch(tmp_path):
-    single = run_main([config(exp_name="one", batch_size=32)], tmp_path)
+# With torch DataLoaders the order is the data set's (shuffle off): a DistributedSampler's shuffle
+# draws from its own generator, so its order cannot equal one process's RandomSampler order.
+@pytest.mark.parametrize("loader", [{"loader": "tensor"}, {"loader": "torch", "shuffle": False,
+                                                          "data_loader_workers": 1}], ids=["tensor", "torch"])
+def test_two_processes_match_one_process_with_twice_the_batch(loader, tmp_path):
+    single = run_main([config(exp_name="one", batch_size=32, **loader)], tmp_path)
     assert single.returncode == 0, single.stderr
-    double = torchrun([config(exp_name="two", batch_size=16)], tmp_path)
+    double = torchrun([config(exp_name="two", batch_size=16, **loader)], tmp_path)
     assert double.returncode == 0, double.stderr
     assert "global batch 32" in double.stdout
 
@@ -85,3 +90,21 @@ def test_a_hanging_rank_times_out_instead_of_blocking_forever(tmp_path):
     assert hung.returncode != 0
     assert "[rank0]" in hung.stderr and "timed out" in hung.stderr.lower()
     assert time.monotonic() - started < 120
+
+
+def test_data_loaders_get_a_distributed_sampler_reshuffled_every_epoch():
+    from agents.base import BaseAgent
+    from utils.data import make_data_loader
+    from utils.distributed import shard_data_loader
+
+    dataset = torch.utils.data.TensorDataset(torch.arange(96.0))
+    loader = make_data_loader(dataset, 16, shuffle=True, workers=0, pin_memory="auto", device="cpu")
+    sharded = shard_data_loader(loader, seed=1, rank=1, world_size=2)
+    sampler = sharded.sampler
+    assert isinstance(sampler, torch.utils.data.distributed.DistributedSampler)
+    assert (sampler.num_replicas, sampler.rank, sampler.shuffle) == (2, 1, True)
+    assert len(sharded) == 3 and sharded.batch_size == 16            # 48 of the 96 samples
+    first = torch.cat([batch for (batch,) in sharded])
+    BaseAgent._set_data_epoch(SimpleNamespace(data_loader=SimpleNamespace(train_loader=sharded), current_epoch=1))
+    assert sampler.epoch == 1
+    assert not torch.equal(first, torch.cat([batch for (batch,) in sharded]))

@@ -9,11 +9,15 @@ from torch import nn, optim
 
 from agents.base import SupervisedAgent
 from utils.config import Key
-from utils.data import TensorBatchLoader
+from utils.data import DATA_LOADER_KEYS, TensorBatchLoader, make_data_loader
 
 
 class TinyAgent(SupervisedAgent):
     DEFAULTS = {
+        **DATA_LOADER_KEYS,
+        # "tensor": TensorBatchLoader; "torch": torch DataLoaders over a TensorDataset
+        "loader": Key("tensor", choices=("tensor", "torch")),
+        "shuffle": True,
         "learning_rate": 0.1,
         "momentum": 0.9,
         "n_samples": 96,
@@ -41,9 +45,16 @@ class TinyAgent(SupervisedAgent):
                                                               momentum=cfg.momentum))
         self.add_scheduler("scheduler", optim.lr_scheduler.StepLR(optimizer, 1, gamma=cfg.lr_gamma),
                            interval=cfg.scheduler_interval)
-        self.data_loader = SimpleNamespace(
-            train_loader=TensorBatchLoader(points, labels, cfg.batch_size, shuffle=True),
-            valid_loader=TensorBatchLoader(points[:40], labels[:40], 16))
+        if cfg.loader == "tensor":
+            train = TensorBatchLoader(points, labels, cfg.batch_size, shuffle=cfg.shuffle)
+            valid = TensorBatchLoader(points[:40], labels[:40], 16)
+        else:
+            def loader(n, batch_size, shuffle):
+                dataset = torch.utils.data.TensorDataset(points[:n], labels[:n])
+                return make_data_loader(dataset, batch_size, shuffle, cfg.data_loader_workers,
+                                        cfg.pin_memory, self.device)
+            train, valid = loader(len(points), cfg.batch_size, cfg.shuffle), loader(40, 16, False)
+        self.data_loader = SimpleNamespace(train_loader=train, valid_loader=valid)
 
     def train_step(self, batch):
         if self.current_iteration == self.config.crash_at_iteration and self.rank == self.config.crash_rank:

@@ -57,3 +57,21 @@ class TensorBatchLoader:
                 index = order[start:stop]
                 inputs, targets = self.inputs[index], self.targets[index]
             yield (self.transform(inputs) if self.transform else inputs), targets
+
+
+# Config keys of agents whose data comes through torch DataLoaders: merge into their DEFAULTS.
+DATA_LOADER_KEYS = {
+    "data_loader_workers": 0,
+    "pin_memory": "auto",      # page-locked batches for fast, non-blocking copies; "auto": on CUDA
+}
+
+
+def make_data_loader(dataset, batch_size: int, shuffle: bool, workers: int, pin_memory, device,
+                     drop_last: bool = False, **kwargs) -> torch.utils.data.DataLoader:
+    """A DataLoader set up as every agent wants one: workers kept alive between epochs, pinned
+    memory on CUDA, shuffling from torch's seeded global generator (so resume reproduces it).
+    Under torchrun, BaseAgent swaps its sampler for a DistributedSampler."""
+    pin = torch.device(device).type == "cuda" if pin_memory == "auto" else bool(pin_memory)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                                       num_workers=workers, pin_memory=pin,
+                                       persistent_workers=workers > 0, **kwargs)

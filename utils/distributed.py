@@ -63,14 +63,15 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return reduced.to(values.device)
 
 
-def shard_data_loader(loader, seed: int):
+def shard_data_loader(loader, seed: int, rank: int, world_size: int):
     """The same DataLoader with a DistributedSampler: each process iterates its share, reshuffled
     every epoch by sampler.set_epoch (BaseAgent calls it)."""
     from torch.utils.data import DataLoader, RandomSampler
     from torch.utils.data.distributed import DistributedSampler
 
     shuffle = isinstance(loader.sampler, RandomSampler)
-    sampler = DistributedSampler(loader.dataset, shuffle=shuffle, seed=seed, drop_last=loader.drop_last)
+    sampler = DistributedSampler(loader.dataset, num_replicas=world_size, rank=rank, shuffle=shuffle,
+                                 seed=seed, drop_last=loader.drop_last)
     return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler,
                       num_workers=loader.num_workers, collate_fn=loader.collate_fn,
                       pin_memory=loader.pin_memory, drop_last=loader.drop_last,
