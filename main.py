@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from agents import make_config
-from agents.base import BEST, LATEST
+from agents.base import LATEST
 from utils import checkpoint as ckpt
 from utils import distributed
 from utils.config import (clear_experiment, create_experiment_dirs, experiment_paths, has_checkpoints,
@@ -62,7 +62,7 @@ def prepare(args):
             raise UserError(f"'{paths.root}' already has checkpoints; continue it with --resume, "
                             "or start over with --force (deletes them), or pick another exp_name")
     else:
-        path = _checkpoint_path(paths, config.checkpoint_file, BEST)
+        path = _checkpoint_path(paths, config.checkpoint_file, agent_class.checkpoint_for_mode(config))
         if not path.is_file():
             raise CheckpointError(f"mode \"{config.mode}\" needs a trained model, but there is no "
                                   f"'{path}'; train first, or set checkpoint_file")

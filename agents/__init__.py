@@ -9,6 +9,7 @@ import importlib
 from utils.errors import ConfigError
 
 AGENTS = {
+    "CondenseNetAgent": "agents.condensenet:CondenseNetAgent",
     "MnistAgent": "agents.mnist:MnistAgent",
 }
 

@@ -78,6 +78,11 @@ class BaseAgent(abc.ABC):
         return spec
 
     @classmethod
+    def checkpoint_for_mode(cls, config) -> str:
+        """The file in checkpoints/ that a mode other than train evaluates."""
+        return BEST
+
+    @classmethod
     def check_config(cls, config):
         """Checks across keys, run before the experiment folder is touched."""
         for key in ("max_epoch", "log_interval", "validate_every", "early_stopping_patience"):
@@ -119,7 +124,7 @@ class BaseAgent(abc.ABC):
         self.best_epoch = None
         self.bad_epochs = 0           # validations in a row without improvement
         self.last_metrics = {}
-        self.test_metrics = None
+        self.mode_results = None     # what a mode other than train reports, for results.json
         self.status = "built"
         self._wall_time_before = 0.0  # seconds spent in earlier sessions of this run
         self._started = time.perf_counter()
@@ -290,6 +295,8 @@ class BaseAgent(abc.ABC):
             self.log_learning_rates()
             metrics = dict(self.train_one_epoch() or {})
             self.current_epoch += 1
+            for tag, value in metrics.items():
+                self.writer.add_scalar(tag, value, self.current_epoch)
             is_best = False
             if self.current_epoch % cfg.validate_every == 0 or self.current_epoch == cfg.max_epoch:
                 self.last_metrics = self.validate()
@@ -315,7 +322,8 @@ class BaseAgent(abc.ABC):
 
     @abc.abstractmethod
     def train_one_epoch(self) -> dict | None:
-        """One pass over the training data; returns epoch-level metrics, e.g. {"train/loss": x}."""
+        """One pass over the training data; returns epoch-level metrics, e.g. {"train/epoch_loss": x},
+        printed in the epoch line and written to TensorBoard at the epoch."""
 
     @abc.abstractmethod
     def validate(self) -> dict:
@@ -466,7 +474,7 @@ class BaseAgent(abc.ABC):
             except (OSError, ValueError):
                 results = {key: value for key, value in self.results().items()
                            if key in ("agent", "exp_name", "params")}
-            results[self.config.mode] = self.test_metrics
+            results[self.config.mode] = self.mode_results
         write_json_atomic(path, _finite(results))
 
     def finalize(self):
@@ -574,7 +582,7 @@ class SupervisedAgent(BaseAgent):
         loss_sum, sample_count = self._sum_losses(pending_losses, pending_sizes, loss_sum, sample_count)
         loss_sum, sample_count = distributed.all_reduce_sum(
             torch.tensor([loss_sum, sample_count], dtype=torch.float64)).tolist()
-        return {"train/loss": loss_sum / sample_count if sample_count else math.nan}
+        return {"train/epoch_loss": loss_sum / sample_count if sample_count else math.nan}
 
     @staticmethod
     def _sum_losses(losses: list, sizes: list, loss_sum: float, count: int):
@@ -613,11 +621,11 @@ class SupervisedAgent(BaseAgent):
 
     def test(self):
         loader = getattr(self.data_loader, "test_loader", None) or self.data_loader.valid_loader
-        self.test_metrics = self.evaluate(loader, "test")
-        for tag, value in self.test_metrics.items():
+        self.mode_results = self.evaluate(loader, "test")
+        for tag, value in self.mode_results.items():
             self.writer.add_scalar(tag, value, self.current_epoch)
-        width = max(len(tag) for tag in self.test_metrics)
-        lines = [f"  {tag:<{width}}  {value:.4f}" for tag, value in self.test_metrics.items()]
+        width = max(len(tag) for tag in self.mode_results)
+        lines = [f"  {tag:<{width}}  {value:.4f}" for tag, value in self.mode_results.items()]
         self.logger.info(f"test of the model from epoch {self.current_epoch}:\n" + "\n".join(lines))
 
 

@@ -1,0 +1,132 @@
+"""CondenseNet on CIFAR-10: learned group convolutions pruned during the first half of training,
+then `mode=condense` turns the network into standard group convolutions (same logits)."""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import optim
+
+from agents.base import SupervisedAgent
+from datasets.cifar10 import Cifar10DataLoader
+from graphs.models.condensenet import CondenseNet, condense, condensed_skeleton, count_macs
+from graphs.models.custom_layers.learned_group_conv import stage_at
+from utils import checkpoint as ckpt
+from utils.config import Key
+from utils.errors import ConfigError, UserError
+
+CONDENSED = "condensed.pth.tar"
+
+
+class CondenseNetAgent(SupervisedAgent):
+    DEFAULTS = {
+        "stages": [14, 14, 14],
+        "growth": [8, 16, 32],
+        "bottleneck": 4,
+        "group_1x1": 4,
+        "group_3x3": 4,
+        "condense_factor": 4,
+        "init_stride": 1,
+        "pool_size": 8,
+        "dropout_rate": 0.0,
+        "num_classes": 10,
+        "learning_rate": 0.1,        # cosine decay to 0, stepped every iteration
+        "momentum": 0.9,
+        "nesterov": True,
+        "weight_decay": 1e-4,
+        "group_lasso_lambda": 0.0,   # weight of the group-lasso term (the paper's code: 0)
+        "batch_size": 64,
+        "test_batch_size": 256,
+        "max_epoch": 300,
+        "data_folder": "data/cifar10",
+        "data_mode": Key("download", choices=("download", "local", "numpy")),
+        "condensed": False,          # mode=test: evaluate checkpoints/condensed.pth.tar
+        "monitor": "val/accuracy",
+        "monitor_mode": "max",
+    }
+    metrics = ("loss", "accuracy")
+    modes = ("train", "test", "condense")
+
+    @classmethod
+    def checkpoint_for_mode(cls, config):
+        return CONDENSED if config.mode == "test" and config.condensed else super().checkpoint_for_mode(config)
+
+    @classmethod
+    def check_config(cls, config):
+        super().check_config(config)
+        if config.condensed and config.mode != "test":
+            raise ConfigError("\"condensed\": true evaluates the condensed network in mode \"test\"; "
+                              f"it cannot be used with mode \"{config.mode}\"")
+
+    def build(self):
+        cfg = self.config
+        self.net = CondenseNet(cfg.stages, cfg.growth, cfg.bottleneck, cfg.group_1x1, cfg.group_3x3,
+                               cfg.condense_factor, cfg.init_stride, cfg.pool_size, cfg.dropout_rate,
+                               cfg.num_classes)
+        if cfg.condensed:
+            self.net = condensed_skeleton(self.net)
+        self.model = self.add_model("model", self.net)
+        optimizer = self.add_optimizer("optimizer", optim.SGD(
+            self.model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum, nesterov=cfg.nesterov,
+            weight_decay=cfg.weight_decay))
+        self.data_loader = Cifar10DataLoader(cfg.data_folder, cfg.data_mode, cfg.batch_size,
+                                             cfg.test_batch_size, self.device)
+        self.total_iterations = cfg.max_epoch * len(self.data_loader.train_loader)
+        cosine = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, self.total_iterations) / self.total_iterations))
+        self.add_scheduler("scheduler", optim.lr_scheduler.LambdaLR(optimizer, cosine), interval="iteration")
+        self._stage = None
+
+    def train_step(self, batch):
+        # Pruning follows the iteration count, which the checkpoint holds: a resumed run condenses
+        # at the same steps as an uninterrupted one.
+        progress = self.current_iteration / self.total_iterations
+        stage = stage_at(progress, self.config.condense_factor)
+        if stage != self._stage:
+            self.net.condense_to(progress)
+            self._stage = stage
+        images, labels = batch
+        loss = F.cross_entropy(self.model(images), labels)
+        if self.config.group_lasso_lambda > 0:
+            loss = loss + self.config.group_lasso_lambda * self.net.lasso_loss()
+        return loss
+
+    def validate_step(self, batch):
+        images, labels = batch
+        logits = self.model(images)
+        return {"loss": F.cross_entropy(logits, labels),
+                "accuracy": (logits.argmax(dim=1) == labels).float().mean()}
+
+    def train_one_epoch(self):
+        metrics = super().train_one_epoch()
+        for block, fraction in enumerate(self.net.pruned_fraction_per_block(), start=1):
+            metrics[f"condense/pruned_block{block}"] = fraction
+        return metrics
+
+    def condense(self):
+        """Convert the best checkpoint into the condensed network, check that it computes the same
+        logits, and save it as checkpoints/condensed.pth.tar."""
+        trained = self.net.eval()
+        unfinished = [layer for layer in trained.learned_group_convs()
+                      if int(layer.stage) < layer.condense_factor - 1]
+        if unfinished:
+            raise UserError(f"the checkpoint (epoch {self.current_epoch}) was saved before condensation "
+                            "finished (it ends half-way through max_epoch); train further, then condense")
+        condensed = condense(trained).eval()
+        images, _ = self.to_device(next(iter(self.data_loader.valid_loader)))
+        with torch.no_grad():
+            difference = float((trained(images) - condensed(images)).abs().max())
+        state = {"format_version": ckpt.FORMAT_VERSION, "agent": type(self).__name__,
+                 "config": dict(self.config), "epoch": self.current_epoch, "condensed": True,
+                 "models": {"model": condensed.state_dict()}}
+        ckpt.save_atomic(state, self.paths.checkpoints / CONDENSED)
+        shape = (1, 3, 32, 32)
+        self.mode_results = {
+            "trained": {"params": sum(p.numel() for p in trained.parameters()), "macs": count_macs(trained, shape)},
+            "condensed": {"params": sum(p.numel() for p in condensed.parameters()),
+                          "macs": count_macs(condensed, shape)},
+            "max_logit_difference": difference,
+        }
+        self.logger.info(f"condensed: {self.mode_results['trained']['params']:,} -> "
+                         f"{self.mode_results['condensed']['params']:,} parameters, "
+                         f"{self.mode_results['trained']['macs'] / 1e6:.1f}M -> "
+                         f"{self.mode_results['condensed']['macs'] / 1e6:.1f}M multiply-adds; "
+                         f"largest logit difference {difference:.2e}; saved {CONDENSED}")
