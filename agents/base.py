@@ -536,6 +536,9 @@ class SupervisedAgent(BaseAgent):
         self.optimizer = next(iter(self._optimizers.values()))
 
     def batch_size_of(self, batch) -> int:
+        """Samples in a batch, for weighting the averages: the first tensor's leading dimension."""
+        if isinstance(batch, dict):
+            batch = next(iter(batch.values()))
         first = batch[0] if isinstance(batch, (list, tuple)) else batch
         return first.shape[0]
 
