@@ -10,6 +10,7 @@ from utils.errors import ConfigError
 
 AGENTS = {
     "CondenseNetAgent": "agents.condensenet:CondenseNetAgent",
+    "DCGANAgent": "agents.dcgan:DCGANAgent",
     "MnistAgent": "agents.mnist:MnistAgent",
 }
 

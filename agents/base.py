@@ -47,7 +47,7 @@ class BaseAgent(abc.ABC):
         "max_epoch": 10,
         "log_interval": 10,
         "validate_every": 1,
-        "monitor": "val/loss",
+        "monitor": Key("val/loss", types=(str, NoneType)),   # null: no best model, no early stopping
         "monitor_mode": Key("min", choices=("min", "max")),
         "early_stopping_patience": Key(None, types=(int, NoneType)),
         "checkpoint_file": Key(None, types=(str, NoneType)),
@@ -90,7 +90,7 @@ class BaseAgent(abc.ABC):
                 raise ConfigError(f"config key '{key}' must be at least 1, got {config[key]}")
         if config.keep_last_checkpoints < 0:
             raise ConfigError("config key 'keep_last_checkpoints' cannot be negative")
-        if cls.metrics:
+        if cls.metrics and config.monitor is not None:
             known = [f"val/{name}" for name in cls.metrics]
             if config.monitor not in known:
                 raise ConfigError(f"monitor \"{config.monitor}\" is not a metric of {cls.__name__}; "
@@ -243,6 +243,23 @@ class BaseAgent(abc.ABC):
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(self.current_epoch)
 
+    def backward_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer):
+        """zero_grad, backward and step for one of several optimizers (fp16: through the scaler);
+        call end_iteration() once all of an iteration's optimizers have stepped."""
+        optimizer.zero_grad(set_to_none=True)
+        if self.scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(optimizer)
+
+    def end_iteration(self):
+        if self.scaler is not None:
+            self.scaler.update()
+        self.current_iteration += 1
+        self._step_schedulers("iteration")
+
     def train_mode(self, training: bool = True):
         for model in self._models.values():
             model.train(training)
@@ -303,7 +320,8 @@ class BaseAgent(abc.ABC):
                 for tag, value in self.last_metrics.items():
                     self.writer.add_scalar(tag, value, self.current_epoch)
                 metrics.update(self.last_metrics)
-                is_best = self._update_best(self.last_metrics)
+                if cfg.monitor is not None:
+                    is_best = self._update_best(self.last_metrics)
             self._step_schedulers("epoch", metrics)
             self._log_epoch(metrics, is_best, time.perf_counter() - started)
             self.save_checkpoint(is_best)

@@ -1,0 +1,141 @@
+"""DCGAN: a generator and a discriminator trained against each other, as in Radford et al. 2016
+(Adam 2e-4, betas 0.5/0.999, batch norm, a fixed noise batch to watch progress)."""
+import torch
+import torch.nn.functional as F
+from torch import optim
+from torchvision.utils import make_grid, save_image
+
+from agents.base import LATEST, BaseAgent
+from datasets.images import ImageDataLoader
+from graphs.models.dcgan_discriminator import Discriminator
+from graphs.models.dcgan_generator import Generator
+from utils.config import Key
+from utils.data import DATA_LOADER_KEYS
+
+
+class DCGANAgent(BaseAgent):
+    DEFAULTS = {
+        **DATA_LOADER_KEYS,
+        "dataset": Key("folder", choices=("folder", "celeba", "mnist")),
+        "data_folder": "data/celeba",
+        "data_mode": Key("download", choices=("download", "local")),
+        "image_size": 64,
+        "input_channels": 3,
+        "g_input_size": 100,          # length of the latent vector z
+        "num_filt_g": 64,
+        "num_filt_d": 64,
+        "relu_slope": 0.2,            # the discriminator's leaky ReLU
+        "batch_size": 128,
+        "learning_rate": 2e-4,
+        "beta1": 0.5,
+        "beta2": 0.999,
+        "label_smoothing": 0.0,       # one-sided: real images are labelled 1 - label_smoothing
+        "max_epoch": 5,
+        "num_samples": 64,            # images in each sample grid
+        "interpolation_steps": 10,    # mode=generate: images between two latent points
+        "interpolations": 8,          # mode=generate: rows of the interpolation grid
+        "monitor": None,              # a GAN's losses do not say which epoch is best
+    }
+    modes = ("train", "generate")
+
+    @classmethod
+    def checkpoint_for_mode(cls, config):
+        return LATEST
+
+    def build(self):
+        cfg = self.config
+        self.netG = self.add_model("netG", Generator(cfg.g_input_size, cfg.num_filt_g, cfg.input_channels,
+                                                     cfg.image_size))
+        self.netD = self.add_model("netD", Discriminator(cfg.num_filt_d, cfg.input_channels, cfg.image_size,
+                                                         cfg.relu_slope))
+        betas = (cfg.beta1, cfg.beta2)
+        self.optimizerG = self.add_optimizer("optimizerG", optim.Adam(self.netG.parameters(), cfg.learning_rate,
+                                                                      betas=betas))
+        self.optimizerD = self.add_optimizer("optimizerD", optim.Adam(self.netD.parameters(), cfg.learning_rate,
+                                                                      betas=betas))
+        self.fixed_noise = torch.randn(cfg.num_samples, cfg.g_input_size, 1, 1, device=self.device)
+        if cfg.mode == "train":
+            self.data_loader = ImageDataLoader(cfg.data_folder, cfg.dataset, cfg.data_mode, cfg.image_size,
+                                               cfg.input_channels, cfg.batch_size, cfg.data_loader_workers,
+                                               cfg.pin_memory, self.device)
+
+    def noise(self, count: int) -> torch.Tensor:
+        return torch.randn(count, self.config.g_input_size, 1, 1, device=self.device)   # (B, latent, 1, 1)
+
+    def train_one_epoch(self):
+        cfg = self.config
+        self.train_mode(True)
+        loader = self.data_loader.train_loader
+        totals = torch.zeros(2, device=self.device)   # summed loss_d, loss_g of the epoch
+        for real, _ in self.progress(loader, desc=f"epoch {self.current_epoch + 1}", leave=False,
+                                     total=len(loader)):
+            real = self.to_device(real)
+            batch = real.shape[0]
+            real_target = torch.full((batch,), 1.0 - cfg.label_smoothing, device=self.device)
+
+            # Discriminator: real images -> real, generated ones -> fake.
+            with self.autocast():
+                fake = self.netG(self.noise(batch))                      # (B, C, S, S)
+                real_logits = self.netD(real)
+                fake_logits = self.netD(fake.detach())
+                loss_d = (F.binary_cross_entropy_with_logits(real_logits, real_target)
+                          + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
+            self.backward_step(loss_d, self.optimizerD)
+
+            # Generator: make the (just updated) discriminator call its images real, the paper's
+            # non-saturating form: maximise log D(G(z)).
+            with self.autocast():
+                fooled_logits = self.netD(fake)
+                loss_g = F.binary_cross_entropy_with_logits(fooled_logits, torch.ones_like(fooled_logits))
+            self.backward_step(loss_g, self.optimizerG)
+            self.end_iteration()
+
+            totals += torch.stack([loss_d.detach(), loss_g.detach()]).float()
+            if self.current_iteration % cfg.log_interval == 0:
+                self.writer.add_scalar("train/loss_d", float(loss_d), self.current_iteration)
+                self.writer.add_scalar("train/loss_g", float(loss_g), self.current_iteration)
+                self.writer.add_scalar("train/d_x", float(real_logits.sigmoid().mean()), self.current_iteration)
+                self.writer.add_scalar("train/d_g_z", float(fake_logits.sigmoid().mean()), self.current_iteration)
+        self.write_samples(f"epoch_{self.current_epoch + 1:03d}.png", self.current_epoch + 1)
+        loss_d_mean, loss_g_mean = (totals / max(len(loader), 1)).tolist()
+        return {"train/epoch_loss_d": loss_d_mean, "train/epoch_loss_g": loss_g_mean}
+
+    def validate(self):
+        return {}
+
+    @torch.no_grad()
+    def write_samples(self, file_name: str, step: int):
+        """The fixed noise batch through the generator: to TensorBoard and to out/."""
+        self.train_mode(False)
+        images = self.netG(self.fixed_noise).float().cpu()      # (N, C, S, S) in [-1, 1]
+        self.train_mode(True)
+        grid = make_grid(images, nrow=8, normalize=True, value_range=(-1, 1))
+        self.writer.add_image("samples", grid, step)
+        if self.is_main:
+            save_image(grid, self.paths.out / file_name)
+
+    @torch.no_grad()
+    def generate(self):
+        """New samples and interpolations between random latent points, from the checkpoint."""
+        cfg = self.config
+        self.train_mode(False)
+        samples = self.netG(self.noise(cfg.num_samples)).float().cpu()
+        save_image(samples, self.paths.out / "generated.png", nrow=8, normalize=True, value_range=(-1, 1))
+        start, end = self.noise(cfg.interpolations), self.noise(cfg.interpolations)
+        weights = torch.linspace(0, 1, cfg.interpolation_steps, device=self.device).view(1, -1, 1, 1, 1)
+        path = start.unsqueeze(1) * (1 - weights) + end.unsqueeze(1) * weights    # (rows, steps, latent, 1, 1)
+        frames = self.netG(path.flatten(0, 1)).float().cpu()
+        save_image(frames, self.paths.out / "interpolation.png", nrow=cfg.interpolation_steps, normalize=True,
+                   value_range=(-1, 1))
+        self.mode_results = {"samples": str(self.paths.out / "generated.png"),
+                             "interpolation": str(self.paths.out / "interpolation.png"),
+                             "epoch": self.current_epoch}
+        self.logger.info(f"wrote {self.mode_results['samples']} and {self.mode_results['interpolation']} "
+                         f"(generator of epoch {self.current_epoch})")
+
+    def extra_state(self):
+        return {"fixed_noise": self.fixed_noise.cpu()}
+
+    def load_extra_state(self, state):
+        if "fixed_noise" in state:
+            self.fixed_noise = state["fixed_noise"].to(self.device)
