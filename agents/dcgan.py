@@ -92,10 +92,12 @@ class DCGANAgent(BaseAgent):
 
             totals += torch.stack([loss_d.detach(), loss_g.detach()]).float()
             if self.current_iteration % cfg.log_interval == 0:
-                self.writer.add_scalar("train/loss_d", float(loss_d), self.current_iteration)
-                self.writer.add_scalar("train/loss_g", float(loss_g), self.current_iteration)
-                self.writer.add_scalar("train/d_x", float(real_logits.sigmoid().mean()), self.current_iteration)
-                self.writer.add_scalar("train/d_g_z", float(fake_logits.sigmoid().mean()), self.current_iteration)
+                with torch.no_grad():
+                    values = {"train/loss_d": loss_d.detach(), "train/loss_g": loss_g.detach(),
+                              "train/d_x": real_logits.sigmoid().mean(),        # D on real images
+                              "train/d_g_z": fake_logits.sigmoid().mean()}      # D on generated ones
+                for tag, value in values.items():
+                    self.writer.add_scalar(tag, float(value), self.current_iteration)
         self.write_samples(f"epoch_{self.current_epoch + 1:03d}.png", self.current_epoch + 1)
         loss_d_mean, loss_g_mean = (totals / max(len(loader), 1)).tolist()
         return {"train/epoch_loss_d": loss_d_mean, "train/epoch_loss_g": loss_g_mean}
