@@ -21,10 +21,10 @@ from tqdm import tqdm
 from utils import checkpoint as ckpt
 from utils import distributed
 from utils.config import Key, create_experiment_dirs, experiment_paths, write_json_atomic
+from utils.data import TensorBatchLoader
 from utils.errors import CheckpointError, ConfigError, UserError
 from utils.metrics import MeterGroup
 from utils.runtime import seed_everything, select_device
-from utils.data import TensorBatchLoader
 from utils.summary import NullWriter, SummaryWriter
 
 LATEST = "checkpoint.pth.tar"
@@ -102,14 +102,14 @@ class BaseAgent(abc.ABC):
         self.config = config
         self.logger = logging.getLogger(type(self).__name__)
         self.paths = experiment_paths(config.exp_name)
-        if distributed.is_main():
+        self.world_size, self.rank = distributed.world_size(), distributed.rank()
+        self.is_main = distributed.is_main()
+        if self.is_main:
             create_experiment_dirs(self.paths)
 
         # Seed before anything random is built, then the device, then the writer. Every process
         # of a distributed run gets the same seed: same initial weights, same data permutation.
         seed_everything(config.seed)
-        self.world_size, self.rank = distributed.world_size(), distributed.rank()
-        self.is_main = distributed.is_main()
         gpu = distributed.local_rank() if self.world_size > 1 else config.gpu_device
         self.device = select_device(config.device, config.cuda, gpu)
         if self.device.type == "cuda":

@@ -13,6 +13,7 @@ from graphs.models.custom_layers.learned_group_conv import stage_at
 from utils import checkpoint as ckpt
 from utils.config import Key
 from utils.errors import ConfigError, UserError
+from utils.metrics import classification_metrics
 
 CONDENSED = "condensed.pth.tar"
 
@@ -91,9 +92,7 @@ class CondenseNetAgent(SupervisedAgent):
 
     def validate_step(self, batch):
         images, labels = batch
-        logits = self.model(images)
-        return {"loss": F.cross_entropy(logits, labels),
-                "accuracy": (logits.argmax(dim=1) == labels).float().mean()}
+        return classification_metrics(self.model(images), labels)
 
     def train_one_epoch(self):
         metrics = super().train_one_epoch()

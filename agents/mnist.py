@@ -6,6 +6,7 @@ from agents.base import SupervisedAgent
 from datasets.mnist import MnistDataLoader
 from graphs.models.mnist import MnistNet
 from utils.config import Key
+from utils.metrics import classification_metrics
 
 
 class MnistAgent(SupervisedAgent):
@@ -43,6 +44,4 @@ class MnistAgent(SupervisedAgent):
 
     def validate_step(self, batch):
         images, labels = batch
-        logits = self.model(images)
-        return {"loss": F.cross_entropy(logits, labels),
-                "accuracy": (logits.argmax(dim=1) == labels).float().mean()}
+        return classification_metrics(self.model(images), labels)

@@ -32,6 +32,7 @@ from torch import nn, optim
 from agents import make_config
 from agents.base import SupervisedAgent
 from utils.data import TensorBatchLoader
+from utils.metrics import classification_metrics
 
 BATCH_SIZE = 32
 TEST_BATCH_SIZE = 1000
@@ -73,9 +74,7 @@ class LinearAgent(SupervisedAgent):
 
     def validate_step(self, batch):
         inputs, labels = batch
-        logits = self.model(inputs)
-        return {"loss": F.cross_entropy(logits, labels),
-                "accuracy": (logits.argmax(dim=1) == labels).float().mean()}
+        return classification_metrics(self.model(inputs), labels)
 
 
 def build_agent(exp_name: str, train_size: int, epochs: int) -> LinearAgent:

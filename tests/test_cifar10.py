@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from datasets import cifar10
-from datasets.cifar10 import (Cifar10DataLoader, crop_and_flip, write_cifar10_batches,
-                              write_cifar10_numpy)
+from datasets.cifar10 import Cifar10DataLoader, crop_and_flip, write_cifar10_batches, write_cifar10_numpy
 from utils.errors import ConfigError, DataError
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),

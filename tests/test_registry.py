@@ -4,8 +4,8 @@ import sys
 import pytest
 
 from agents import AGENTS, get_agent_class
-from utils.errors import ConfigError
 from tests.conftest import ROOT
+from utils.errors import ConfigError
 
 
 def test_registered_agent_resolves():

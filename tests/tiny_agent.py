@@ -10,6 +10,7 @@ from torch import nn, optim
 from agents.base import SupervisedAgent
 from utils.config import Key
 from utils.data import DATA_LOADER_KEYS, TensorBatchLoader, make_data_loader
+from utils.metrics import classification_metrics
 
 
 class TinyAgent(SupervisedAgent):
@@ -66,6 +67,4 @@ class TinyAgent(SupervisedAgent):
 
     def validate_step(self, batch):
         points, labels = batch
-        logits = self.model(points)
-        return {"loss": F.cross_entropy(logits, labels),
-                "accuracy": (logits.argmax(1) == labels).float().mean()}
+        return classification_metrics(self.model(points), labels)

@@ -51,3 +51,10 @@ class MeterGroup:
         sums = all_reduce_sum(sums)
         return {prefix + name: (total / count if count else math.nan)
                 for name, (total, count) in zip(names, sums.tolist())}
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Batch-mean cross entropy and accuracy of logits (B, classes) against labels (B,): what a
+    classification agent's validate_step returns."""
+    return {"loss": torch.nn.functional.cross_entropy(logits, labels),
+            "accuracy": (logits.argmax(dim=1) == labels).float().mean()}
