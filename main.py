@@ -1,6 +1,9 @@
-"""Run one experiment from a JSON config.
+"""Run one experiment from a JSON config; start a new task; list the experiments.
 
     python main.py CONFIG [--set KEY=VALUE ...] [--resume] [--force] [--print-config]
+    python main.py new NAME      agents/, graphs/models/, datasets/ files, a config and a test for
+                                 task NAME, registered and runnable on FakeData
+    python main.py list          the experiments in experiments/: agent, status, epochs, best, time
 
 CONFIG is a JSON file or an inline JSON object. --set takes dotted keys and JSON values
 (--set max_epoch=3 --set optimizer.lr=0.1); a value that is not JSON is taken as a string.
@@ -16,15 +19,22 @@ from agents import make_config
 from agents.base import LATEST
 from utils import checkpoint as ckpt
 from utils import distributed
-from utils.config import (clear_experiment, create_experiment_dirs, experiment_paths, has_checkpoints,
+from utils.config import (EXPERIMENTS_ROOT, clear_experiment, create_experiment_dirs, experiment_paths, has_checkpoints,
                           setup_logging, write_json_atomic)
 from utils.errors import CheckpointError, UserError
+from utils.listing import experiment_table
+from utils.scaffold import names_for, new_project
 
 logger = logging.getLogger("main")
 
 
+COMMANDS = ("new", "list")
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Train or evaluate an agent from a JSON config.")
+    parser = argparse.ArgumentParser(
+        description="Train or evaluate an agent from a JSON config.",
+        epilog="other commands: `main.py new NAME` starts a new task, `main.py list` lists the experiments")
     parser.add_argument("config", help="path to a JSON config, or an inline JSON object")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key: dotted KEY, JSON VALUE (repeatable)")
@@ -102,7 +112,34 @@ def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def run_command(argv: list) -> int:
+    parser = argparse.ArgumentParser(prog="main.py")
+    commands = parser.add_subparsers(dest="command", required=True)
+    new = commands.add_parser("new", help="start a new task: agent, graph, data loader, config, test")
+    new.add_argument("name", help="the task's name, a Python identifier: `new Iris` makes IrisAgent "
+                                  "in agents/iris.py")
+    commands.add_parser("list", help="the experiments in experiments/ and how they went")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "list":
+            print(experiment_table(EXPERIMENTS_ROOT))
+            return 0
+        root = Path(__file__).resolve().parent
+        written = new_project(args.name, root)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join([f"wrote {path.relative_to(root)}" for path in written[:-1]]
+                    + [f"registered {names_for(args.name)[1]}Agent in agents/__init__.py",
+                       f"train it:  ./run.sh {written[3].relative_to(root)}",
+                       f"test it:   ./run.sh test {written[4].relative_to(root)}"]))
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMMANDS and not Path(argv[0]).is_file():
+        return run_command(argv)
     args = parse_args(argv)
     setup_logging(None)
     # A scheduler's SIGTERM (preemption, timeout) is handled like Ctrl+C: save, then stop.

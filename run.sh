@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # ./run.sh                      train the MNIST example (configs/mnist_exp_0.json)
 # ./run.sh CONFIG [ARGS...]     python main.py CONFIG [ARGS...]   (--set, --resume, --force)
-# ./run.sh test [PYTEST ARGS]   run the test suite
+# ./run.sh test [PYTEST ARGS]   run the test suite (or the test files/ids given)
+# ./run.sh new NAME             start a new task (agent, graph, data loader, config, test)
+# ./run.sh list                 the experiments in experiments/ and how they went
 # First use sets up .venv from requirements.txt, unless the current python already has the
 # packages. PYTHON=/path/to/python picks the interpreter.
 set -euo pipefail
@@ -10,7 +12,7 @@ cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 VENV=.venv
 STAMP=$VENV/.requirements.sha256
-CHECK='import torch, torchvision, numpy, easydict, tensorboardX, tensorboard, tqdm, pytest'
+CHECK='import torch, torchvision, numpy, easydict, tensorboardX, tensorboard, tqdm, gdown, gymnasium, pygame, sklearn, pytest'
 
 want=$(sha256sum requirements.txt | cut -d" " -f1)
 if [ -x "$VENV/bin/python" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$want" ]; then
@@ -27,6 +29,10 @@ fi
 
 case "${1:-}" in
     "")   exec "$PYTHON" main.py configs/mnist_exp_0.json ;;
-    test) shift; exec "$PYTHON" -m pytest tests "$@" ;;
+    test)
+        shift
+        where=tests  # the whole suite, unless a test file or id is named
+        for arg in "$@"; do [ -e "${arg%%::*}" ] && where= && break; done
+        exec "$PYTHON" -m pytest $where "$@" ;;
     *)    exec "$PYTHON" main.py "$@" ;;
 esac

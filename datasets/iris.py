@@ -1,0 +1,45 @@
+"""Fisher's Iris data set (150 flowers, 4 measurements, 3 species), bundled with scikit-learn, so
+it needs no download."""
+import torch
+
+from utils.data import TensorBatchLoader
+
+CLASS_NAMES = ("setosa", "versicolor", "virginica")
+
+
+def load_iris_tensors() -> tuple[torch.Tensor, torch.Tensor]:
+    """(features float32 (150, 4), labels int64 (150,))."""
+    from sklearn.datasets import load_iris
+
+    data = load_iris()
+    return torch.tensor(data.data, dtype=torch.float32), torch.tensor(data.target, dtype=torch.int64)
+
+
+def stratified_split(labels: torch.Tensor, valid_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, valid indices): the same fraction of every class held out, drawn with its
+    own generator so the split does not depend on (or disturb) the training seed's stream."""
+    generator = torch.Generator().manual_seed(seed)
+    train, valid = [], []
+    for label in labels.unique():
+        members = (labels == label).nonzero().squeeze(1)
+        members = members[torch.randperm(len(members), generator=generator)]
+        cut = round(len(members) * valid_fraction)
+        valid.append(members[:cut])
+        train.append(members[cut:])
+    return torch.cat(train), torch.cat(valid)
+
+
+class IrisDataLoader:
+    """train_loader / valid_loader over a stratified split; features standardised with the
+    training split's mean and standard deviation."""
+
+    def __init__(self, batch_size: int, valid_fraction: float, split_seed: int, device: torch.device):
+        features, labels = load_iris_tensors()
+        train, valid = stratified_split(labels, valid_fraction, split_seed)
+        mean, std = features[train].mean(0), features[train].std(0)
+        features = (features - mean) / std
+        self.num_features, self.num_classes = features.shape[1], len(CLASS_NAMES)
+        self.train_loader = TensorBatchLoader(features[train].to(device), labels[train].to(device),
+                                              batch_size, shuffle=True)
+        self.valid_loader = TensorBatchLoader(features[valid].to(device), labels[valid].to(device),
+                                              len(valid))
