@@ -16,9 +16,6 @@ import sys
 from pathlib import Path
 
 from agents import make_config
-from agents.base import LATEST
-from utils import checkpoint as ckpt
-from utils import distributed
 from utils.config import (EXPERIMENTS_ROOT, clear_experiment, create_experiment_dirs, experiment_paths, has_checkpoints,
                           setup_logging, write_json_atomic)
 from utils.errors import CheckpointError, UserError
@@ -56,6 +53,9 @@ def _checkpoint_path(paths, file_name: str | None, default: str) -> Path:
 
 def prepare(args):
     """Everything that can fail on the user's input, before any file of theirs is touched."""
+    from agents.base import LATEST  # torch: imported to run an experiment, not for `new` or `list`
+    from utils import checkpoint as ckpt
+
     agent_class, config = make_config(args.config, args.set)
     if args.resume and args.force:
         raise UserError("--resume continues the experiment and --force deletes it: give one of them")
@@ -81,10 +81,11 @@ def prepare(args):
 
 
 def run(args) -> int:
-    agent_class, config, paths, checkpoint = prepare(args)
-    if args.print_config:
-        print(json.dumps(config, indent=2))
+    if args.print_config:  # whatever state the experiment is in
+        print(json.dumps(make_config(args.config, args.set)[1], indent=2))
         return 0
+    agent_class, config, paths, checkpoint = prepare(args)
+    from utils import distributed
     if distributed.is_main():
         # Under torchrun only rank 0 writes; the others log warnings and errors to the console.
         if config.mode == "train" and args.force and not args.resume:

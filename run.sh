@@ -4,6 +4,8 @@
 # ./run.sh test [PYTEST ARGS]   run the test suite (or the test files/ids given)
 # ./run.sh new NAME             start a new task (agent, graph, data loader, config, test)
 # ./run.sh list                 the experiments in experiments/ and how they went
+# ./run.sh tensorboard ARGS     TensorBoard from the project's environment (--logdir experiments)
+# ./run.sh torchrun ARGS        torchrun from the project's environment (several processes)
 # First use sets up .venv from requirements.txt, unless the current python already has the
 # packages. PYTHON=/path/to/python picks the interpreter.
 set -euo pipefail
@@ -12,7 +14,9 @@ cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 VENV=.venv
 STAMP=$VENV/.requirements.sha256
-CHECK='import torch, torchvision, numpy, easydict, tensorboardX, tensorboard, tqdm, gdown, gymnasium, pygame, sklearn, pytest'
+# Found without importing them (importing torch alone takes seconds).
+CHECK='import importlib.util as u, sys
+sys.exit(any(u.find_spec(m) is None for m in "torch torchvision numpy easydict tensorboardX tensorboard tqdm gdown gymnasium pygame sklearn pytest".split()))'
 
 want=$(sha256sum requirements.txt | cut -d" " -f1)
 if [ -x "$VENV/bin/python" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$want" ]; then
@@ -34,5 +38,7 @@ case "${1:-}" in
         where=tests  # the whole suite, unless a test file or id is named
         for arg in "$@"; do [ -e "${arg%%::*}" ] && where= && break; done
         exec "$PYTHON" -m pytest $where "$@" ;;
+    tensorboard) shift; exec "$PYTHON" -m tensorboard.main "$@" ;;
+    torchrun)    shift; exec "$PYTHON" -m torch.distributed.run "$@" ;;
     *)    exec "$PYTHON" main.py "$@" ;;
 esac

@@ -48,9 +48,9 @@ def mnist_overrides(data_folder, **extra) -> list:
     return args
 
 
-def run_main(args, cwd, timeout=300, **kwargs) -> subprocess.CompletedProcess:
+def run_main(args, cwd, timeout=300, script=MAIN, **kwargs) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, str(MAIN), *map(str, args)], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, str(script), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout, **kwargs)
 
 

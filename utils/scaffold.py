@@ -40,9 +40,9 @@ class ${title}Agent(SupervisedAgent):
         "learning_rate": 0.001,
         "image_size": [3, 32, 32],              # (channels, height, width)
         "num_classes": 10,
-        "train_size": 1000,                     # FakeData images per split
-        "valid_size": 200,
-        "max_epoch": 5,
+        "train_size": 512,                      # FakeData images per split
+        "valid_size": 128,
+        "max_epoch": 3,
         "monitor": "val/accuracy",
         "monitor_mode": "max",
     }
@@ -125,12 +125,12 @@ CONFIG = Template('''\
   "learning_rate": 0.001,
   "batch_size": 64,
   "test_batch_size": 256,
-  "max_epoch": 5,
+  "max_epoch": 3,
   "log_interval": 10,
   "image_size": [3, 32, 32],
   "num_classes": 10,
-  "train_size": 1000,
-  "valid_size": 200,
+  "train_size": 512,
+  "valid_size": 128,
   "data_loader_workers": 0,
   "seed": 1,
   "device": "auto",

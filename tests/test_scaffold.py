@@ -1,0 +1,110 @@
+"""`main.py new NAME` and `main.py list`. The generated files are run for real (a training step of
+every network choice); tests/test_tutorials.py also trains, resumes and tests one through main.py
+and runs its generated test."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, run_main, snapshot
+from utils.errors import UserError
+from utils.scaffold import names_for, new_project
+
+
+def project_copy(tmp_path):
+    """The folders `new` writes into, and the registry, copied from this project."""
+    project = tmp_path / "project"
+    for folder in ("agents", "graphs", "datasets", "configs", "tests", "utils"):
+        shutil.copytree(ROOT / folder, project / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "main.py", project / "main.py")
+    return project
+
+
+@pytest.mark.parametrize("name, module, title", [
+    ("Iris", "iris", "Iris"), ("iris", "iris", "Iris"), ("MyTask", "my_task", "MyTask"),
+    ("my_task", "my_task", "MyTask"), ("FlowersAgent", "flowers", "Flowers"), ("ERFNet2", "erf_net2", "ERFNet2"),
+])
+def test_names(name, module, title):
+    assert names_for(name) == (module, title)
+
+
+@pytest.mark.parametrize("name", ["3d", "my-task", "class", "_private", "my task", "émigré", ""])
+def test_names_that_are_not_identifiers_are_refused(name):
+    with pytest.raises(UserError, match="Python identifier"):
+        names_for(name)
+
+
+def test_new_writes_registers_and_runs(tmp_path):
+    project = project_copy(tmp_path)
+    done = run_main(["new", "Flowers"], cwd=tmp_path, script=project / "main.py")
+    assert done.returncode == 0, done.stderr
+    written = ["agents/flowers.py", "graphs/models/flowers.py", "datasets/flowers.py",
+               "configs/flowers_exp_0.json", "tests/test_flowers.py"]
+    for path in written:
+        assert (project / path).is_file(), path
+        assert f"wrote {path}" in done.stdout
+    registry = (project / "agents" / "__init__.py").read_text()
+    assert '    "FlowersAgent": "agents.flowers:FlowersAgent",\n' in registry
+    entries = [line.strip() for line in registry.split("AGENTS = {\n")[1].split("}")[0].splitlines()]
+    assert entries == sorted(entries, key=str.lower)
+    config = json.loads((project / "configs" / "flowers_exp_0.json").read_text())
+    assert config["agent"] == "FlowersAgent" and config["exp_name"] == "flowers_exp_0"
+
+    # The generated test's in-process part: each network choice resolves through the registry,
+    # builds and takes a training step (the frozen layer of mlp_fixed stays as drawn).
+    check = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                            "tests/test_flowers.py", "-k", "each_network"],
+                           cwd=project, capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0, check.stdout[-3000:]
+    assert "4 passed" in check.stdout
+
+
+def test_new_refuses_to_overwrite_anything(tmp_path):
+    project = project_copy(tmp_path)
+    (project / "datasets" / "flowers.py").write_text("# the user's own file\n")
+    before = snapshot(project)
+    done = run_main(["new", "Flowers"], cwd=tmp_path, script=project / "main.py")
+    assert done.returncode == 2
+    assert done.stderr.strip() == ('error: "Flowers" would overwrite datasets/flowers.py; pick another name '
+                                   "(nothing was written)")
+    assert snapshot(project) == before
+
+    bad = run_main(["new", "my-task"], cwd=tmp_path, script=project / "main.py")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "identifier" in bad.stderr
+    assert snapshot(project) == before
+
+
+def test_new_refuses_a_registered_name(tmp_path):
+    project = project_copy(tmp_path)
+    registry = project / "agents" / "__init__.py"
+    registry.write_text(registry.read_text().replace("AGENTS = {\n", 'AGENTS = {\n    "GhostAgent": "elsewhere:GhostAgent",\n'))
+    before = snapshot(project)
+    with pytest.raises(UserError, match="GhostAgent is already registered"):
+        new_project("Ghost", project)
+    assert snapshot(project) == before
+
+
+def test_list_shows_each_experiment(tmp_path):
+    experiments = tmp_path / "experiments"
+    (experiments / "a_run").mkdir(parents=True)
+    (experiments / "a_run" / "results.json").write_text(json.dumps({
+        "agent": "MnistAgent", "status": "completed", "epochs_done": 14, "wall_time_s": 3725.2,
+        "monitor": "val/accuracy", "best": {"value": 0.99125, "epoch": 12}}))
+    (experiments / "broken").mkdir()
+    (experiments / "broken" / "results.json").write_text("{not json")
+    (experiments / "starting").mkdir()
+    (experiments / "starting" / "config.json").write_text("{}")
+    (experiments / "not_an_experiment.txt").write_text("")
+
+    done = run_main(["list"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == ["experiment", "agent", "status", "epochs", "best", "wall", "time"]
+    assert lines[2].split() == ["a_run", "MnistAgent", "completed", "14", "val/accuracy", "0.9912", "(epoch",
+                                "12)", "1:02:05"]
+    assert "unreadable results.json" in lines[3] and "no results yet" in lines[4] and len(lines) == 5
+
+    empty = run_main(["list"], cwd=tmp_path / "experiments")
+    assert empty.returncode == 0 and "no experiments" in empty.stdout
