@@ -109,6 +109,16 @@ def run(args) -> int:
     return 130 if agent.status == "interrupted" else 0
 
 
+def _one_line(error: UserError) -> str:
+    """The message of a user's mistake. One raised in a DataLoader worker process arrives wrapped
+    in "Caught DataError in DataLoader worker process 0. Original Traceback ..." with the
+    original exception as the last line."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
 def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -148,8 +158,9 @@ def main(argv=None) -> int:
     try:
         return run(args)
     except UserError as e:
-        logger.error(str(e), extra={"console": False})
-        print(f"error: {e}", file=sys.stderr)
+        message = _one_line(e)
+        logger.error(message, extra={"console": False})
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

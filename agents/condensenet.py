@@ -71,10 +71,14 @@ class CondenseNetAgent(SupervisedAgent):
             weight_decay=cfg.weight_decay))
         self.data_loader = Cifar10DataLoader(cfg.data_folder, cfg.data_mode, cfg.batch_size,
                                              cfg.test_batch_size, self.device)
-        self.total_iterations = cfg.max_epoch * len(self.data_loader.train_loader)
         cosine = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, self.total_iterations) / self.total_iterations))
         self.add_scheduler("scheduler", optim.lr_scheduler.LambdaLR(optimizer, cosine), interval="iteration")
         self._stage = None
+
+    @property
+    def total_iterations(self) -> int:
+        # Read when used, not in build(): under torchrun each process steps through its share.
+        return self.config.max_epoch * len(self.data_loader.train_loader)
 
     def train_step(self, batch):
         # Pruning follows the iteration count, which the checkpoint holds: a resumed run condenses

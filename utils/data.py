@@ -68,10 +68,11 @@ DATA_LOADER_KEYS = {
 
 def make_data_loader(dataset, batch_size: int, shuffle: bool, workers: int, pin_memory, device,
                      drop_last: bool = False, **kwargs) -> torch.utils.data.DataLoader:
-    """A DataLoader set up as every agent wants one: workers kept alive between epochs, pinned
-    memory on CUDA, shuffling from torch's seeded global generator (so resume reproduces it).
-    Under torchrun, BaseAgent swaps its sampler for a DistributedSampler."""
+    """A DataLoader set up as every agent wants one: pinned memory on CUDA, shuffling and the
+    workers' random seeds drawn from torch's seeded global generator each epoch, so a resumed run
+    shuffles and augments as the uninterrupted one (workers kept alive between epochs would carry
+    their random state on, and a resumed run could not restore it). Under torchrun, BaseAgent
+    swaps its sampler for a DistributedSampler."""
     pin = torch.device(device).type == "cuda" if pin_memory == "auto" else bool(pin_memory)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                                       num_workers=workers, pin_memory=pin,
-                                       persistent_workers=workers > 0, **kwargs)
+                                       num_workers=workers, pin_memory=pin, **kwargs)

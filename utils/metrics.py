@@ -58,3 +58,58 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
     classification agent's validate_step returns."""
     return {"loss": torch.nn.functional.cross_entropy(logits, labels),
             "accuracy": (logits.argmax(dim=1) == labels).float().mean()}
+
+
+class ConfusionMatrix:
+    """Pixel counts (num_classes, num_classes), rows the ground truth, columns the prediction,
+    accumulated on the labels' device with one bincount per update. Labels outside 0..num_classes-1
+    (the ignore index 255) are not counted."""
+
+    def __init__(self, num_classes: int, device=None):
+        self.num_classes = num_classes
+        self.counts = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+
+    def update(self, predictions: torch.Tensor, labels: torch.Tensor):
+        """predictions and labels: integer tensors of the same shape, e.g. (B, H, W)."""
+        n = self.num_classes
+        labels, predictions = labels.reshape(-1).long(), predictions.reshape(-1).long()
+        # Uncounted pixels go to one extra bin, dropped after: no data-dependent shapes.
+        index = torch.where((labels >= 0) & (labels < n), labels * n + predictions, n * n)
+        self.counts += torch.bincount(index, minlength=n * n + 1)[:n * n].view(n, n)
+
+    def all_reduce(self) -> "ConfusionMatrix":
+        """Sum the counts of every process of a distributed run (a no-op otherwise)."""
+        self.counts = all_reduce_sum(self.counts)
+        return self
+
+
+def segmentation_metrics(counts: torch.Tensor) -> dict:
+    """From a confusion matrix (rows ground truth, columns prediction):
+      pixel_accuracy       correct pixels / labelled pixels
+      class_accuracy       per class: correct / that class's labelled pixels (NaN: not in the labels)
+      mean_class_accuracy  mean of class_accuracy over the classes present in the labels
+      iou                  per class: TP / (TP + FP + FN); NaN where the class is in neither the labels
+                           nor the predictions (0 / 0), 0 where it is only predicted
+      mIoU                 mean of iou over the classes that are not NaN
+    Per-class values are lists of floats; a class absent from both sides does not pull the mean down."""
+    counts = counts.double().cpu()
+    true_positives = counts.diag()
+    labelled = counts.sum(dim=1)           # per class: pixels of that class in the ground truth
+    predicted = counts.sum(dim=0)
+    union = labelled + predicted - true_positives
+    nan = torch.tensor(math.nan, dtype=torch.float64)
+    class_accuracy = torch.where(labelled > 0, true_positives / labelled, nan)
+    iou = torch.where(union > 0, true_positives / union, nan)
+    total = float(labelled.sum())
+    return {
+        "pixel_accuracy": float(true_positives.sum()) / total if total else math.nan,
+        "mean_class_accuracy": _nanmean(class_accuracy),
+        "mIoU": _nanmean(iou),
+        "class_accuracy": class_accuracy.tolist(),
+        "iou": iou.tolist(),
+    }
+
+
+def _nanmean(values: torch.Tensor) -> float:
+    present = values[~values.isnan()]
+    return float(present.mean()) if len(present) else math.nan
