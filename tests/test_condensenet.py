@@ -121,10 +121,17 @@ def test_resume_mid_training_condenses_at_the_same_steps(cifar_folder, tmp_path,
     straight.run()
     cls, cfg = small_config(cifar_folder, exp_name="split")
     first = cls(cfg)
-    first.config.max_epoch = 1          # stop after epoch 1 of the 4-epoch plan, as Ctrl+C would
+    one_epoch = first.train_one_epoch
+
+    def interrupted_after_epoch_1():
+        if first.current_epoch == 1:
+            raise KeyboardInterrupt  # Ctrl+C as epoch 2 starts: run() saves epoch 1's checkpoint
+        return one_epoch()
+
+    first.train_one_epoch = interrupted_after_epoch_1
     first.run()
+    assert first.status == "interrupted" and first.current_epoch == 1
     assert first.net.pruned_fraction_per_block() == [0.25, 0.25]     # one stage done, two to come
-    cfg.max_epoch = 4
     resumed = cls(cfg, ckpt.load("experiments/split/checkpoints/checkpoint.pth.tar"))
     resumed.run()
     assert resumed.net.pruned_fraction_per_block() == [0.75, 0.75]
