@@ -111,6 +111,20 @@ def small_config(folder, **extra):
                         **extra})
 
 
+def run_until_ctrl_c(agent, epoch: int):
+    """agent.run(), with Ctrl+C pressed as epoch `epoch` + 1 starts: run() saves the checkpoint of
+    `epoch` epochs, as in a real interruption."""
+    one_epoch = agent.train_one_epoch
+
+    def interrupted():
+        if agent.current_epoch == epoch:
+            raise KeyboardInterrupt
+        return one_epoch()
+
+    agent.train_one_epoch = interrupted
+    agent.run()
+
+
 def test_resume_mid_training_condenses_at_the_same_steps(cifar_folder, tmp_path, monkeypatch):
     from utils import checkpoint as ckpt
 
@@ -121,15 +135,7 @@ def test_resume_mid_training_condenses_at_the_same_steps(cifar_folder, tmp_path,
     straight.run()
     cls, cfg = small_config(cifar_folder, exp_name="split")
     first = cls(cfg)
-    one_epoch = first.train_one_epoch
-
-    def interrupted_after_epoch_1():
-        if first.current_epoch == 1:
-            raise KeyboardInterrupt  # Ctrl+C as epoch 2 starts: run() saves epoch 1's checkpoint
-        return one_epoch()
-
-    first.train_one_epoch = interrupted_after_epoch_1
-    first.run()
+    run_until_ctrl_c(first, epoch=1)
     assert first.status == "interrupted" and first.current_epoch == 1
     assert first.net.pruned_fraction_per_block() == [0.25, 0.25]     # one stage done, two to come
     resumed = cls(cfg, ckpt.load("experiments/split/checkpoints/checkpoint.pth.tar"))
@@ -174,9 +180,8 @@ def test_condensing_too_early_is_a_clear_error(cifar_folder, tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     cls, cfg = small_config(cifar_folder)
     early = cls(cfg)
-    early.config.max_epoch = 1          # epoch 1 of 4: one pruning stage of three done
-    early.run()
-    cfg.max_epoch, cfg.mode = 4, "condense"
+    run_until_ctrl_c(early, epoch=1)    # epoch 1 of 4: one pruning stage of three done
+    cfg.mode = "condense"
     agent = cls(cfg, ckpt.load("experiments/condensenet_exp_0/checkpoints/checkpoint.pth.tar"))
     with pytest.raises(UserError, match="before condensation finished"):
         agent.run()
