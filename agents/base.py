@@ -29,6 +29,7 @@ from utils.summary import NullWriter, SummaryWriter
 
 LATEST = "checkpoint.pth.tar"
 BEST = "model_best.pth.tar"
+_NO_AUTOCAST = contextlib.nullcontext()  # reusable: entering it does nothing
 
 
 class BaseAgent(abc.ABC):
@@ -179,7 +180,7 @@ class BaseAgent(abc.ABC):
 
     def autocast(self):
         if self.config.amp == "off":
-            return contextlib.nullcontext()
+            return _NO_AUTOCAST
         dtype = torch.bfloat16 if self.config.amp == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
@@ -190,15 +191,23 @@ class BaseAgent(abc.ABC):
         if torch.is_tensor(batch):
             if self.config.channels_last and batch.dim() == 4 and batch.is_floating_point():
                 return batch.to(device, memory_format=torch.channels_last, non_blocking=True)
-            return batch.to(device, non_blocking=True)
+            return batch if batch.device == device else batch.to(device, non_blocking=True)
         if isinstance(batch, (list, tuple)):
             if self.config.channels_last:
                 return type(batch)([self.to_device(item) for item in batch])
-            return type(batch)([item.to(device, non_blocking=True) if torch.is_tensor(item)
-                                else self.to_device(item) for item in batch])
+            # The common case inline: a tensor already on the device (batched there) is kept, as
+            # .to() would, without the dispatcher call (~1 us a tensor, every step).
+            return type(batch)([(item if item.device == device else item.to(device, non_blocking=True))
+                                if torch.is_tensor(item) else self.to_device(item) for item in batch])
         if isinstance(batch, dict):
             return {key: self.to_device(value) for key, value in batch.items()}
         return batch
+
+    def _needs_moving(self, loader) -> bool:
+        """False for a TensorBatchLoader whose tensors are on the device already: its batches are
+        built there, and to_device would only cost time every step."""
+        return not (isinstance(loader, TensorBatchLoader) and loader.device == self.device
+                    and not self.config.channels_last)
 
     def progress(self, iterable, **kwargs):
         """A tqdm bar on stderr (log lines print above it, see utils.config.TqdmHandler)."""
@@ -304,6 +313,9 @@ class BaseAgent(abc.ABC):
             self.logger.info("this run already stopped early; raise early_stopping_patience to train on")
             self.status = "early_stopped"
             return
+        if self.training_done():
+            self.logger.info("this run already spent its training budget; raise it to train on")
+            return
         epochs = self.progress(range(self.current_epoch, cfg.max_epoch), desc="epochs",
                                initial=self.current_epoch, total=cfg.max_epoch)
         for _ in epochs:
@@ -333,10 +345,17 @@ class BaseAgent(abc.ABC):
                                  f"at epoch {self.best_epoch})")
                 self.status = "early_stopped"
                 break
+            if self.training_done():
+                break
 
     def _patience_spent(self) -> bool:
         patience = self.config.early_stopping_patience
         return patience is not None and self.bad_epochs >= patience
+
+    def training_done(self) -> bool:
+        """True once the agent's own training budget is spent (an RL agent's environment steps):
+        train() then stops after the epoch, as at max_epoch."""
+        return False
 
     @abc.abstractmethod
     def train_one_epoch(self) -> dict | None:
@@ -567,9 +586,11 @@ class SupervisedAgent(BaseAgent):
         # Losses wait as tensors and are summed at each log_interval: no device sync per step.
         pending_losses, pending_sizes, loss_sum, sample_count = [], [], 0.0, 0
         loader = self.data_loader.train_loader
+        move = self._needs_moving(loader)
         bar = self.progress(loader, desc=f"epoch {self.current_epoch + 1}", leave=False, total=len(loader))
         for batch in bar:
-            batch = self.to_device(batch)
+            if move:
+                batch = self.to_device(batch)
             if self.current_iteration == 0:
                 self.log_samples(batch)
             with self.autocast():
@@ -610,8 +631,8 @@ class SupervisedAgent(BaseAgent):
         """Fold the pending per-batch mean losses into the running sum, weighted by batch size;
         empties the lists."""
         if losses:
-            weights = torch.tensor(sizes, dtype=torch.float32, device=losses[0].device)
-            loss_sum += float(torch.stack(losses).float() @ weights)
+            # One stack and one copy to the host (a single sync on GPU) for the whole interval.
+            loss_sum += sum(loss * size for loss, size in zip(torch.stack(losses).tolist(), sizes))
             count += sum(sizes)
             losses.clear()
             sizes.clear()
@@ -630,8 +651,10 @@ class SupervisedAgent(BaseAgent):
     def evaluate(self, loader, prefix: str) -> dict:
         self.train_mode(False)
         meters = MeterGroup()
+        move = self._needs_moving(loader)
         for batch in self.progress(loader, desc=prefix, leave=False, total=len(loader)):
-            batch = self.to_device(batch)
+            if move:
+                batch = self.to_device(batch)
             with self.autocast():
                 values = self.validate_step(batch)
             meters.update(values, self.batch_size_of(batch))

@@ -8,8 +8,9 @@ TensorBoard scalar every log_interval steps) shows up undiluted.
   (b) full run: agent.run() for a few epochs (train, validate on a small set, checkpoint and
       results.json after each) against plain epochs each followed by a test pass over that set.
 Per training step, median of interleaved repeats; the minimum (timeit's estimator: noise on a
-shared machine only ever adds time) is printed beside it. agent/plain = 1.00 means no overhead; the target
-for (a) is <= 1.10. (b) also pays for what the plain loop does not do (resumable checkpoints).
+shared machine only ever adds time) is printed beside it. agent/plain = 1.00 means no overhead; the
+target is <= 1.10 for both; (b) also pays for what the plain loop does not do (resumable
+checkpoints, results.json). The default 60,000 samples are MNIST's training set.
 
     .venv/bin/python bench/overhead.py [--repeats N] [--train-size N] [--epochs N]
 """
@@ -40,7 +41,7 @@ VALID_SIZE = 1000      # small, so (b) is still mostly training
 LEARNING_RATE = 0.01
 LOG_INTERVAL = 10      # the framework's default
 DEVICE = torch.device("cpu")
-TARGET = 1.10          # agent/plain for the training loop
+TARGET = 1.10          # agent/plain
 
 
 def make_data(train_size: int):
@@ -56,7 +57,7 @@ def make_model() -> nn.Module:
 
 
 class LinearAgent(SupervisedAgent):
-    DEFAULTS = {"learning_rate": LEARNING_RATE, "train_size": 20_000}
+    DEFAULTS = {"learning_rate": LEARNING_RATE, "train_size": 60_000}
     metrics = ("loss", "accuracy")
 
     def build(self):
@@ -135,7 +136,8 @@ def seconds(fn) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15, help="timed repeats per side (default 15)")
-    parser.add_argument("--train-size", type=int, default=20_000, help="training samples (default 20000)")
+    parser.add_argument("--train-size", type=int, default=60_000,
+                        help="training samples (default 60000, MNIST's training set)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs of each full run in (b) (default 3)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -157,12 +159,15 @@ def main():
 
             # (b) A fresh run per repeat. Building the agent (writer, folders) and finalize()
             # (results.json, hparams) happen once per run, not per step: left out of the timing.
+            # Which side runs first alternates, so a drift in the machine's load favours neither.
             for repeat in range(args.repeats):
                 plain = build_plain(args.train_size)
-                run_times[0].append(seconds(lambda: plain_run(plain, args.epochs, devnull)))
                 agent = build_agent(f"overhead_run_{repeat}", args.train_size, args.epochs)
-                run_times[1].append(seconds(agent.run))
+                for side in ((0, 1) if repeat % 2 == 0 else (1, 0)):
+                    run = agent.run if side == 1 else lambda: plain_run(plain, args.epochs, devnull)
+                    run_times[side].append(seconds(run))
                 agent.finalize()
+                del agent, plain
         os.chdir(previous_dir)  # leave the folder before it is deleted
 
     steps = -(-args.train_size // BATCH_SIZE)
@@ -174,9 +179,9 @@ def main():
         plain_us, agent_us = (statistics.median(t) / step_count * 1e6 for t in times)
         min_ratio = min(times[1]) / min(times[0])
         print(f"{label:<30}{plain_us:>8.1f}us{agent_us:>8.1f}us{agent_us / plain_us:>13.2f}{min_ratio:>8.2f}")
-    loop_ratio = statistics.median(loop_times[1]) / statistics.median(loop_times[0])
-    print(f"agent/plain, training loop: {loop_ratio:.2f} "
-          f"(target <= {TARGET:.2f}: {'met' if loop_ratio <= TARGET else 'NOT met'})")
+    for label, times in (("training loop", loop_times), ("full run", run_times)):
+        ratio = statistics.median(times[1]) / statistics.median(times[0])
+        print(f"agent/plain, {label}: {ratio:.2f} (target <= {TARGET:.2f}: {'met' if ratio <= TARGET else 'NOT met'})")
 
 
 if __name__ == "__main__":

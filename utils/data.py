@@ -24,6 +24,11 @@ class TensorBatchLoader:
         self.transform = transform
         self.rank, self.world_size = 0, 1
 
+    @property
+    def device(self) -> torch.device | None:
+        """Where the batches are built: the device of the tensors (None if they differ)."""
+        return self.inputs.device if self.inputs.device == self.targets.device else None
+
     def shard(self, rank: int, world_size: int):
         """Iterate only this process's share, as DistributedSampler would: every process draws the
         same permutation (same seed) and takes every world_size-th sample from `rank` on. A
