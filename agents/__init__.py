@@ -11,6 +11,7 @@ from utils.errors import ConfigError
 AGENTS = {
     "CondenseNetAgent": "agents.condensenet:CondenseNetAgent",
     "DCGANAgent": "agents.dcgan:DCGANAgent",
+    "DQNAgent": "agents.dqn:DQNAgent",
     "ERFNetAgent": "agents.erfnet:ERFNetAgent",
     "IrisAgent": "agents.iris:IrisAgent",
     "MnistAgent": "agents.mnist:MnistAgent",
