@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 from agents import make_config
-from utils.config import (EXPERIMENTS_ROOT, clear_experiment, create_experiment_dirs, experiment_paths, has_checkpoints,
-                          setup_logging, write_json_atomic)
+from utils.config import (EXPERIMENTS_ROOT, clear_experiment, create_experiment_dirs, experiment_paths,
+                          has_checkpoints, setup_logging, write_json_atomic)
 from utils.errors import CheckpointError, UserError
 from utils.listing import experiment_table
 from utils.scaffold import names_for, new_project

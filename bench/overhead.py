@@ -167,7 +167,6 @@ def main():
                     run = agent.run if side == 1 else lambda: plain_run(plain, args.epochs, devnull)
                     run_times[side].append(seconds(run))
                 agent.finalize()
-                del agent, plain
         os.chdir(previous_dir)  # leave the folder before it is deleted
 
     steps = -(-args.train_size // BATCH_SIZE)

@@ -79,7 +79,8 @@ def test_new_refuses_to_overwrite_anything(tmp_path):
 def test_new_refuses_a_registered_name(tmp_path):
     project = project_copy(tmp_path)
     registry = project / "agents" / "__init__.py"
-    registry.write_text(registry.read_text().replace("AGENTS = {\n", 'AGENTS = {\n    "GhostAgent": "elsewhere:GhostAgent",\n'))
+    ghost = 'AGENTS = {\n    "GhostAgent": "elsewhere:GhostAgent",\n'
+    registry.write_text(registry.read_text().replace("AGENTS = {\n", ghost))
     before = snapshot(project)
     with pytest.raises(UserError, match="GhostAgent is already registered"):
         new_project("Ghost", project)

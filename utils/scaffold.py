@@ -50,9 +50,9 @@ class ${title}Agent(SupervisedAgent):
 
     def build(self):
         cfg = self.config
-        self.data_loader = ${title}DataLoader(cfg.image_size, cfg.num_classes, cfg.train_size, cfg.valid_size,
-                                        cfg.batch_size, cfg.test_batch_size, cfg.data_loader_workers,
-                                        cfg.pin_memory, self.device)
+        self.data_loader = ${title}DataLoader(
+            cfg.image_size, cfg.num_classes, cfg.train_size, cfg.valid_size, cfg.batch_size,
+            cfg.test_batch_size, cfg.data_loader_workers, cfg.pin_memory, self.device)
         if cfg.network == "$module":
             network = initialize(${title}Net(cfg.image_size[0], cfg.num_classes), cfg.init)
         else:
