@@ -400,7 +400,8 @@ class BaseAgent(abc.ABC):
         return improved
 
     def _log_epoch(self, metrics: dict, is_best: bool, seconds: float):
-        shown = "  ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+        shown = "  ".join(f"{name} {value}" if isinstance(value, int) else f"{name} {value:.4f}"
+                          for name, value in metrics.items())
         self.logger.info(f"epoch {self.current_epoch}/{self.config.max_epoch}  {shown}"
                          f"{'  (best)' if is_best else ''}  [{seconds:.1f}s]")
 
