@@ -6,6 +6,7 @@ a placeholder); MNIST is a small fixture in torchvision's layout at data/mnist, 
 tutorials' download would put it; a TensorBoard server must come up, then it is stopped."""
 import os
 import re
+import selectors
 import shutil
 import subprocess
 import sys
@@ -52,17 +53,21 @@ def shell_env() -> dict:
 def serve_briefly(command: str, cwd: Path, env: dict, timeout: float = 120) -> str:
     """Start a server command, wait until it prints its address, stop it; returns its output."""
     server = subprocess.Popen(command, shell=True, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    output, deadline = [], time.monotonic() + timeout
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    output, deadline = b"", time.monotonic() + timeout
+    waiting = selectors.DefaultSelector()
+    waiting.register(server.stdout, selectors.EVENT_READ)
     try:
-        for line in server.stdout:
-            output.append(line)
-            if "http://" in line or time.monotonic() > deadline:
-                break
+        while time.monotonic() < deadline and b"http://" not in output:
+            if waiting.select(timeout=1):
+                chunk = os.read(server.stdout.fileno(), 65536)   # unbuffered: select sees all of it
+                if not chunk:  # it exited
+                    break
+                output += chunk
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
-    return "".join(output)
+    return output.decode(errors="replace")
 
 
 def run_tutorial(name: str, workdir: Path) -> Path:
@@ -96,7 +101,7 @@ def run_tutorial(name: str, workdir: Path) -> Path:
         started = time.perf_counter()
         done = subprocess.run(command, shell=True, cwd=cwd, env=env, capture_output=True, text=True,
                               timeout=600)
-        print(f"{time.perf_counter() - started:6.1f}s  {command}")
+        print(f"{time.perf_counter() - started:6.1f}s  {command}")   # in a failing test's report
         assert done.returncode == 0, (f"{name}: `{command}` exited {done.returncode}\n"
                                       f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return cwd
