@@ -43,3 +43,13 @@ def test_resolving_one_agent_imports_no_other_agent():
             "print(sorted(m for m in sys.modules if m.startswith('agents.')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "['agents.base', 'agents.mnist']"
+
+
+@pytest.mark.parametrize("config_file", sorted((ROOT / "configs").glob("*.json")), ids=lambda path: path.name)
+def test_every_shipped_config_resolves_against_its_agent(config_file):
+    """Every key of every shipped config is one its agent declares, with a valid value (the
+    end-to-end tests run each config on fixture data with a few keys overridden)."""
+    from agents import make_config
+
+    agent_class, config = make_config(str(config_file))
+    assert agent_class.__name__ == config.agent and config.exp_name == config_file.stem
