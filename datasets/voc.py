@@ -109,6 +109,19 @@ def _first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
+def _fetch_if_missing(needed: list[Path], download: bool, fetch, what: str, by_hand: str) -> Path | None:
+    """Run fetch() (a torchvision download) when `download` and any of `needed` is missing; returns
+    the first path still missing, or None."""
+    if download and not all(path.exists() for path in needed):
+        try:
+            with _quiet():
+                fetch()
+        except Exception as e:  # no network (URLError is an OSError), a bad archive, a full disk: one fix
+            raise DataError(f"could not download {what} ({_first_line(e)}); {by_hand}, and set "
+                            "\"data_mode\": \"local\"") from None
+    return next((path for path in needed if not path.exists()), None)
+
+
 def voc_root(data_folder: str, download: bool) -> Path:
     """<data_folder>/VOCdevkit/VOC2012 with its segmentation lists, images and masks; fetched and
     extracted there by torchvision first when `download` and not there yet."""
@@ -117,16 +130,12 @@ def voc_root(data_folder: str, download: bool) -> Path:
     needed = [root / "JPEGImages", root / "SegmentationClass", lists / "train.txt", lists / "val.txt"]
     by_hand = (f"download {VOC_URL} and extract it into '{data_folder}' (giving {root}/JPEGImages, "
                f"SegmentationClass and ImageSets/Segmentation)")
-    if download and not all(path.exists() for path in needed):
+    def fetch():
         from torchvision.datasets import VOCSegmentation
 
-        try:
-            with _quiet():
-                VOCSegmentation(data_folder, year="2012", image_set="train", download=True)
-        except Exception as e:  # no network (URLError is an OSError), a bad archive, a full disk: one fix
-            raise DataError(f"could not download Pascal VOC 2012 into '{data_folder}' ({_first_line(e)}); "
-                            f"{by_hand}, and set \"data_mode\": \"local\"") from None
-    missing = next((path for path in needed if not path.exists()), None)
+        VOCSegmentation(data_folder, year="2012", image_set="train", download=True)
+
+    missing = _fetch_if_missing(needed, download, fetch, f"Pascal VOC 2012 into '{data_folder}'", by_hand)
     if missing is not None:
         hint = ""
         for inner, above in ((Path("VOC2012"), "VOCdevkit"), (Path("JPEGImages"), "VOCdevkit/VOC2012")):
@@ -148,16 +157,12 @@ def sbd_root(data_folder: str, download: bool) -> Path:
     needed = [root / "img", root / "cls", root / "train.txt", root / "val.txt"]
     by_hand = (f"download {SBD_URL}, extract it and move benchmark_RELEASE/dataset/"
                f"{{img,cls,train.txt,val.txt}} into '{root}'")
-    if download and not all(path.exists() for path in needed):
+    def fetch():
         from torchvision.datasets import SBDataset
 
-        try:
-            with _quiet():
-                SBDataset(str(root), image_set="train", mode="segmentation", download=True)
-        except Exception as e:
-            raise DataError(f"could not download SBD into '{root}' ({_first_line(e)}); {by_hand}, "
-                            f"and set \"data_mode\": \"local\"") from None
-    missing = next((path for path in needed if not path.exists()), None)
+        SBDataset(str(root), image_set="train", mode="segmentation", download=True)
+
+    missing = _fetch_if_missing(needed, download, fetch, f"SBD into '{root}'", by_hand)
     if missing is not None:
         raise DataError(f"SBD not found: there is no '{missing}'; {by_hand}"
                         + ("" if download else ", or set \"data_mode\": \"download\"")
