@@ -9,6 +9,7 @@ CONFIG is a JSON file or an inline JSON object. --set takes dotted keys and JSON
 (--set max_epoch=3 --set optimizer.lr=0.1); a value that is not JSON is taken as a string.
 """
 import argparse
+import importlib
 import json
 import logging
 import signal
@@ -16,16 +17,15 @@ import sys
 from pathlib import Path
 
 from agents import make_config
-from utils.config import (EXPERIMENTS_ROOT, clear_experiment, create_experiment_dirs, experiment_paths,
-                          has_checkpoints, setup_logging, write_json_atomic)
+from utils.config import (clear_experiment, create_experiment_dirs, experiment_paths, has_checkpoints,
+                          setup_logging, write_json_atomic)
 from utils.errors import CheckpointError, UserError
-from utils.listing import experiment_table
-from utils.scaffold import names_for, new_project
 
 logger = logging.getLogger("main")
 
 
-COMMANDS = ("new", "list")
+# verb -> its module in commands/, imported only when that verb runs (`new` and `list` need no torch)
+COMMANDS = {"new": "commands.new", "list": "commands.list"}
 
 
 def parse_args(argv=None):
@@ -124,27 +124,17 @@ def _raise_keyboard_interrupt(signum, frame):
 
 
 def run_command(argv: list) -> int:
-    parser = argparse.ArgumentParser(prog="main.py")
-    commands = parser.add_subparsers(dest="command", required=True)
-    new = commands.add_parser("new", help="start a new task: agent, graph, data loader, config, test")
-    new.add_argument("name", help="the task's name, a Python identifier: `new Iris` makes IrisAgent "
-                                  "in agents/iris.py")
-    commands.add_parser("list", help="the experiments in experiments/ and how they went")
-    args = parser.parse_args(argv)
+    """`main.py VERB ...`: the verb's module parses the rest and runs."""
+    verb, *rest = argv
+    command = importlib.import_module(COMMANDS[verb])
+    parser = argparse.ArgumentParser(prog=f"main.py {verb}", description=command.HELP)
+    command.add_arguments(parser)
+    args = parser.parse_args(rest)
     try:
-        if args.command == "list":
-            print(experiment_table(EXPERIMENTS_ROOT))
-            return 0
-        root = Path(__file__).resolve().parent
-        written = new_project(args.name, root)
+        return command.run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print("\n".join([f"wrote {path.relative_to(root)}" for path in written[:-1]]
-                    + [f"registered {names_for(args.name)[1]}Agent in agents/__init__.py",
-                       f"train it:  ./run.sh {written[3].relative_to(root)}",
-                       f"test it:   ./run.sh test {written[4].relative_to(root)}"]))
-    return 0
 
 
 def main(argv=None) -> int:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import optim
 
 from agents.base import SupervisedAgent
-from datasets.cifar10 import Cifar10DataLoader
+from datasets.cifar10 import DATA_MODES, Cifar10DataLoader
 from graphs.models.condensenet import CondenseNet, condense, condensed_skeleton, count_macs
 from graphs.models.custom_layers.learned_group_conv import stage_at
 from utils import checkpoint as ckpt
@@ -22,24 +22,24 @@ class CondenseNetAgent(SupervisedAgent):
     DEFAULTS = {
         "stages": [14, 14, 14],
         "growth": [8, 16, 32],
-        "bottleneck": 4,
-        "group_1x1": 4,
-        "group_3x3": 4,
-        "condense_factor": 4,
-        "init_stride": 1,
-        "pool_size": 8,
-        "dropout_rate": 0.0,
-        "num_classes": 10,
-        "learning_rate": 0.1,        # cosine decay to 0, stepped every iteration
-        "momentum": 0.9,
+        "bottleneck": Key(4, minimum=1),
+        "group_1x1": Key(4, minimum=1),
+        "group_3x3": Key(4, minimum=1),
+        "condense_factor": Key(4, minimum=1),
+        "init_stride": Key(1, minimum=1),
+        "pool_size": Key(8, minimum=1),
+        "dropout_rate": Key(0.0, minimum=0, maximum=1),
+        "num_classes": Key(10, minimum=1),
+        "learning_rate": Key(0.1, minimum=0),        # cosine decay to 0, stepped every iteration
+        "momentum": Key(0.9, minimum=0, maximum=1),
         "nesterov": True,
-        "weight_decay": 1e-4,
-        "group_lasso_lambda": 0.0,   # weight of the group-lasso term (the paper's code: 0)
+        "weight_decay": Key(1e-4, minimum=0),
+        "group_lasso_lambda": Key(0.0, minimum=0),   # weight of the group-lasso term (the paper's code: 0)
         "batch_size": 64,
         "test_batch_size": 256,
         "max_epoch": 300,
         "data_folder": "data/cifar10",
-        "data_mode": Key("download", choices=("download", "local", "numpy")),
+        "data_mode": Key("download", choices=DATA_MODES),
         "condensed": False,          # mode=test: evaluate checkpoints/condensed.pth.tar
         "monitor": "val/accuracy",
         "monitor_mode": "max",
@@ -60,17 +60,22 @@ class CondenseNetAgent(SupervisedAgent):
 
     def build(self):
         cfg = self.config
-        self.net = CondenseNet(cfg.stages, cfg.growth, cfg.bottleneck, cfg.group_1x1, cfg.group_3x3,
-                               cfg.condense_factor, cfg.init_stride, cfg.pool_size, cfg.dropout_rate,
-                               cfg.num_classes)
+        self.raw_model = CondenseNet(stages=cfg.stages, growth=cfg.growth, bottleneck=cfg.bottleneck,
+                                     group_1x1=cfg.group_1x1, group_3x3=cfg.group_3x3,
+                                     condense_factor=cfg.condense_factor, init_stride=cfg.init_stride,
+                                     pool_size=cfg.pool_size, dropout_rate=cfg.dropout_rate,
+                                     num_classes=cfg.num_classes)
         if cfg.condensed:
-            self.net = condensed_skeleton(self.net)
-        self.model = self.add_model("model", self.net)
+            self.raw_model = condensed_skeleton(self.raw_model)
+        # raw_model: the network with its own methods (condense_to, lasso_loss); model: what is
+        # called, the same module wrapped in DDP under torchrun or compiled.
+        self.model = self.add_model("model", self.raw_model)
         optimizer = self.add_optimizer("optimizer", optim.SGD(
             self.model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum, nesterov=cfg.nesterov,
             weight_decay=cfg.weight_decay))
-        self.data_loader = Cifar10DataLoader(cfg.data_folder, cfg.data_mode, cfg.batch_size,
-                                             cfg.test_batch_size, self.device)
+        self.data_loader = Cifar10DataLoader(data_folder=cfg.data_folder, data_mode=cfg.data_mode,
+                                             batch_size=cfg.batch_size, test_batch_size=cfg.test_batch_size,
+                                             device=self.device)
         cosine = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, self.total_iterations) / self.total_iterations))
         self.add_scheduler("scheduler", optim.lr_scheduler.LambdaLR(optimizer, cosine), interval="iteration")
         self._stage = None
@@ -86,12 +91,12 @@ class CondenseNetAgent(SupervisedAgent):
         progress = self.current_iteration / self.total_iterations
         stage = stage_at(progress, self.config.condense_factor)
         if stage != self._stage:
-            self.net.condense_to(progress)
+            self.raw_model.condense_to(progress)
             self._stage = stage
         images, labels = batch
         loss = F.cross_entropy(self.model(images), labels)
         if self.config.group_lasso_lambda > 0:
-            loss = loss + self.config.group_lasso_lambda * self.net.lasso_loss()
+            loss = loss + self.config.group_lasso_lambda * self.raw_model.lasso_loss()
         return loss
 
     def validate_step(self, batch):
@@ -100,14 +105,14 @@ class CondenseNetAgent(SupervisedAgent):
 
     def train_one_epoch(self):
         metrics = super().train_one_epoch()
-        for block, fraction in enumerate(self.net.pruned_fraction_per_block(), start=1):
+        for block, fraction in enumerate(self.raw_model.pruned_fraction_per_block(), start=1):
             metrics[f"condense/pruned_block{block}"] = fraction
         return metrics
 
     def condense(self):
         """Convert the best checkpoint into the condensed network, check that it computes the same
         logits, and save it as checkpoints/condensed.pth.tar."""
-        trained = self.net.eval()
+        trained = self.raw_model.eval()
         unfinished = [layer for layer in trained.learned_group_convs()
                       if int(layer.stage) < layer.condense_factor - 1]
         if unfinished:

@@ -6,34 +6,36 @@ from torch import optim
 from torchvision.utils import make_grid, save_image
 
 from agents.base import LATEST, BaseAgent
-from datasets.images import ImageDataLoader
+from datasets.images import CHANNELS, DATA_MODES, DATASETS, ImageDataLoader
 from graphs.models.dcgan_discriminator import Discriminator
-from graphs.models.dcgan_generator import Generator
+from graphs.models.dcgan_generator import Generator, doublings
 from utils.config import Key
 from utils.data import DATA_LOADER_KEYS
+from utils.errors import ConfigError
 
 
 class DCGANAgent(BaseAgent):
     DEFAULTS = {
         **DATA_LOADER_KEYS,
-        "dataset": Key("folder", choices=("folder", "celeba", "mnist")),
+        "dataset": Key("folder", choices=DATASETS),
         "data_folder": "data/celeba",
-        "data_mode": Key("download", choices=("download", "local")),
-        "image_size": 64,
-        "input_channels": 3,
-        "g_input_size": 100,          # length of the latent vector z
-        "num_filt_g": 64,
-        "num_filt_d": 64,
-        "relu_slope": 0.2,            # the discriminator's leaky ReLU
-        "batch_size": 128,
-        "learning_rate": 2e-4,
-        "beta1": 0.5,
-        "beta2": 0.999,
-        "label_smoothing": 0.0,       # one-sided: real images are labelled 1 - label_smoothing
+        "data_mode": Key("download", choices=DATA_MODES),
+        "image_size": Key(64, minimum=16),                 # a power of two
+        "input_channels": Key(3, choices=CHANNELS),
+        "g_input_size": Key(100, minimum=1),               # length of the latent vector z
+        "num_filt_g": Key(64, minimum=1),
+        "num_filt_d": Key(64, minimum=1),
+        "relu_slope": Key(0.2, minimum=0, maximum=1),      # the discriminator's leaky ReLU
+        "batch_size": Key(128, minimum=1),
+        "learning_rate": Key(2e-4, minimum=0),
+        "beta1": Key(0.5, minimum=0, maximum=1),           # Adam's; below 1 (check_config)
+        "beta2": Key(0.999, minimum=0, maximum=1),
+        # one-sided: real images are labelled 1 - label_smoothing
+        "label_smoothing": Key(0.0, minimum=0, maximum=1),
         "max_epoch": 5,
-        "num_samples": 64,            # images in each sample grid
-        "interpolation_steps": 10,    # mode=generate: images between two latent points
-        "interpolations": 8,          # mode=generate: rows of the interpolation grid
+        "num_samples": Key(64, minimum=1),                 # images in each sample grid
+        "interpolation_steps": Key(10, minimum=2),         # mode=generate: images between two latent points
+        "interpolations": Key(8, minimum=1),               # mode=generate: rows of the interpolation grid
         "monitor": None,              # a GAN's losses do not say which epoch is best
     }
     modes = ("train", "generate")
@@ -42,12 +44,25 @@ class DCGANAgent(BaseAgent):
     def checkpoint_for_mode(cls, config):
         return LATEST
 
+    @classmethod
+    def check_config(cls, config):
+        super().check_config(config)
+        try:
+            doublings(config.image_size)
+        except ValueError:
+            raise ConfigError(f"config key 'image_size' must be a power of two (16, 32, 64, ...), "
+                              f"got {config.image_size}") from None
+        for key in ("beta1", "beta2"):
+            if config[key] >= 1:
+                raise ConfigError(f"config key '{key}' must be below 1 (Adam's betas are in [0, 1)), "
+                                  f"got {config[key]}")
+
     def build(self):
         cfg = self.config
-        self.netG = self.add_model("netG", Generator(cfg.g_input_size, cfg.num_filt_g, cfg.input_channels,
-                                                     cfg.image_size))
-        self.netD = self.add_model("netD", Discriminator(cfg.num_filt_d, cfg.input_channels, cfg.image_size,
-                                                         cfg.relu_slope))
+        self.netG = self.add_model("netG", Generator(latent_size=cfg.g_input_size, num_filters=cfg.num_filt_g,
+                                                     channels=cfg.input_channels, image_size=cfg.image_size))
+        self.netD = self.add_model("netD", Discriminator(num_filters=cfg.num_filt_d, channels=cfg.input_channels,
+                                                         image_size=cfg.image_size, relu_slope=cfg.relu_slope))
         betas = (cfg.beta1, cfg.beta2)
         self.optimizerG = self.add_optimizer("optimizerG", optim.Adam(self.netG.parameters(), cfg.learning_rate,
                                                                       betas=betas))
@@ -55,9 +70,10 @@ class DCGANAgent(BaseAgent):
                                                                       betas=betas))
         self.fixed_noise = torch.randn(cfg.num_samples, cfg.g_input_size, 1, 1, device=self.device)
         if cfg.mode == "train":
-            self.data_loader = ImageDataLoader(cfg.data_folder, cfg.dataset, cfg.data_mode, cfg.image_size,
-                                               cfg.input_channels, cfg.batch_size, cfg.data_loader_workers,
-                                               cfg.pin_memory, self.device)
+            self.data_loader = ImageDataLoader(
+                data_folder=cfg.data_folder, dataset=cfg.dataset, data_mode=cfg.data_mode,
+                image_size=cfg.image_size, input_channels=cfg.input_channels, batch_size=cfg.batch_size,
+                workers=cfg.data_loader_workers, pin_memory=cfg.pin_memory, device=self.device)
 
     def noise(self, count: int) -> torch.Tensor:
         return torch.randn(count, self.config.g_input_size, 1, 1, device=self.device)   # (B, latent, 1, 1)
@@ -80,24 +96,22 @@ class DCGANAgent(BaseAgent):
                 fake_logits = self.netD(fake.detach())
                 loss_d = (F.binary_cross_entropy_with_logits(real_logits, real_target)
                           + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
-            self.backward_step(loss_d, self.optimizerD)
+            self.optimizer_step(loss_d, self.optimizerD, last=False)
 
             # Generator: make the (just updated) discriminator call its images real, the paper's
             # non-saturating form: maximise log D(G(z)).
             with self.autocast():
                 fooled_logits = self.netD(fake)
                 loss_g = F.binary_cross_entropy_with_logits(fooled_logits, torch.ones_like(fooled_logits))
-            self.backward_step(loss_g, self.optimizerG)
-            self.end_iteration()
+            self.optimizer_step(loss_g, self.optimizerG)
 
             totals += torch.stack([loss_d.detach(), loss_g.detach()]).float()
             if self.current_iteration % cfg.log_interval == 0:
                 with torch.no_grad():
-                    values = {"train/loss_d": loss_d.detach(), "train/loss_g": loss_g.detach(),
-                              "train/d_x": real_logits.sigmoid().mean(),        # D on real images
-                              "train/d_g_z": fake_logits.sigmoid().mean()}      # D on generated ones
-                for tag, value in values.items():
-                    self.writer.add_scalar(tag, float(value), self.current_iteration)
+                    self.log_scalars({"train/loss_d": float(loss_d), "train/loss_g": float(loss_g),
+                                      "train/d_x": float(real_logits.sigmoid().mean()),     # D on real images
+                                      "train/d_g_z": float(fake_logits.sigmoid().mean())},  # D on generated ones
+                                     self.current_iteration)
         self.write_samples(f"epoch_{self.current_epoch + 1:03d}.png", self.current_epoch + 1)
         loss_d_mean, loss_g_mean = (totals / max(len(loader), 1)).tolist()
         return {"train/epoch_loss_d": loss_d_mean, "train/epoch_loss_g": loss_g_mean}
@@ -112,7 +126,7 @@ class DCGANAgent(BaseAgent):
         images = self.netG(self.fixed_noise).float().cpu()      # (N, C, S, S) in [-1, 1]
         self.train_mode(True)
         grid = make_grid(images, nrow=8, normalize=True, value_range=(-1, 1))
-        self.writer.add_image("samples", grid, step)
+        self.log_images("samples", grid, step)
         if self.is_main:
             save_image(grid, self.paths.out / file_name)
 

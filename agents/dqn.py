@@ -98,26 +98,29 @@ class DQNAgent(BaseAgent):
         "observation_mode": Key("state", choices=("state", "pixels")),
         "hidden_sizes": [256, 256],     # state mode: the MLP's hidden layers
         "conv_filters": [16, 32, 32],   # pixel mode: the three convolutions
-        "screen_height": 40,            # pixel mode: rows of the resized crop (40 -> 40x90)
-        "max_steps": 100_000,           # environment steps of training: the budget that ends it
+        "screen_height": Key(40, minimum=1),          # pixel mode: rows of the resized crop (40 -> 40x90)
+        "max_steps": Key(100_000, minimum=1),         # environment steps of training: the budget that ends it
         "max_epoch": 10_000,            # an epoch is eval_every episodes; max_steps ends training first
-        "memory_capacity": 50_000,      # transitions in the replay memory
+        "memory_capacity": Key(50_000, minimum=1),    # transitions in the replay memory
         "checkpoint_replay_memory": True,   # false: resume refills the memory (pixel mode: it is big)
-        "learning_starts": 1_000,       # transitions in memory before the first gradient step
-        "train_frequency": 1,           # environment steps per gradient step
-        "batch_size": 128,
-        "learning_rate": 1e-3,          # Adam
-        "gamma": 0.99,
-        "eps_start": 1.0,
-        "eps_end": 0.01,
-        "eps_decay": 5_000.0,           # time constant of the exponential decay, in environment steps
-        "target_update": 1,             # gradient steps between target-network updates
-        "tau": 0.005,                   # each update: target <- tau * policy + (1 - tau) * target; 1.0: a copy
+        # transitions in memory before the first gradient step: from batch_size to memory_capacity
+        "learning_starts": Key(1_000, minimum=1),
+        "train_frequency": Key(1, minimum=1),         # environment steps per gradient step
+        "batch_size": Key(128, minimum=1),
+        "learning_rate": Key(1e-3, minimum=0),        # Adam
+        "gamma": Key(0.99, minimum=0, maximum=1),
+        "eps_start": Key(1.0, minimum=0, maximum=1),
+        "eps_end": Key(0.01, minimum=0, maximum=1),
+        # time constant of the exponential decay, in environment steps; above 0 (check_config)
+        "eps_decay": Key(5_000.0, minimum=0),
+        "target_update": Key(1, minimum=1),           # gradient steps between target-network updates
+        # each update: target <- tau * policy + (1 - tau) * target; 1.0: a copy; above 0 (check_config)
+        "tau": Key(0.005, minimum=0, maximum=1),
         "double_dqn": True,             # the policy net picks the next action, the target net values it
-        "grad_clip": Key(10.0, types=(float, NoneType)),   # max gradient norm; null: no clipping
-        "eval_every": 10,               # training episodes per epoch, each epoch ending in a greedy evaluation
-        "eval_episodes": 10,            # greedy episodes of each evaluation
-        "test_episodes": 100,           # mode=test
+        "grad_clip": Key(10.0, types=(float, NoneType), minimum=0),   # max gradient norm; null: no clipping
+        "eval_every": Key(10, minimum=1),      # training episodes per epoch; each ends in a greedy evaluation
+        "eval_episodes": Key(10, minimum=1),   # greedy episodes of each evaluation
+        "test_episodes": Key(100, minimum=1),  # mode=test
         "log_interval": 100,            # gradient steps between loss / mean Q scalars
         "monitor": "val/mean_return",
         "monitor_mode": "max",
@@ -127,17 +130,14 @@ class DQNAgent(BaseAgent):
     @classmethod
     def check_config(cls, config):
         super().check_config(config)
-        for key in ("max_steps", "memory_capacity", "batch_size", "train_frequency", "target_update",
-                    "eval_every", "eval_episodes", "test_episodes", "screen_height"):
-            if config[key] < 1:
-                raise ConfigError(f"config key '{key}' must be at least 1, got {config[key]}")
         if not config.batch_size <= config.learning_starts <= config.memory_capacity:
             raise ConfigError(f"learning_starts ({config.learning_starts}) must lie between batch_size "
                               f"({config.batch_size}) and memory_capacity ({config.memory_capacity})")
-        if not 0 < config.tau <= 1:
-            raise ConfigError(f"tau must be in (0, 1] (1: copy the policy net), got {config.tau}")
-        if not 0 <= config.gamma <= 1 or config.eps_decay <= 0:
-            raise ConfigError("gamma must be in [0, 1] and eps_decay positive")
+        # Bounds a Key's inclusive minimum cannot say:
+        if config.tau == 0:
+            raise ConfigError("config key 'tau' must be above 0 (1: copy the policy net), got 0")
+        if config.eps_decay == 0:
+            raise ConfigError("config key 'eps_decay' must be above 0 (environment steps), got 0")
         for key in ("hidden_sizes", "conv_filters"):
             if not config[key] or not all(isinstance(n, int) and n >= 1 for n in config[key]):
                 raise ConfigError(f"config key '{key}' must be a list of positive integers, got {config[key]}")
@@ -240,9 +240,8 @@ class DQNAgent(BaseAgent):
             if terminated or truncated or self.training_done():
                 break
         self.episodes += 1
-        for tag, value in (("train/episode_return", episode_return), ("train/episode_length", length),
-                           ("train/epsilon", self.epsilon())):
-            self.writer.add_scalar(tag, value, self.env_steps)
+        self.log_scalars({"train/episode_return": episode_return, "train/episode_length": length,
+                          "train/epsilon": self.epsilon()}, self.env_steps)
         return episode_return
 
     def select_action(self, observation, epsilon: float) -> int:
@@ -271,12 +270,7 @@ class DQNAgent(BaseAgent):
                 next_q = next_target.max(1).values
             targets = rewards + cfg.gamma * (1.0 - terminated) * next_q
         loss = F.smooth_l1_loss(q_values, targets)                             # Huber
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.policy_net.parameters(), cfg.grad_clip)
-        self.optimizer.step()
-        self.end_iteration()
+        self.optimizer_step(loss, self.optimizer, max_grad_norm=cfg.grad_clip)
         if self.current_iteration % cfg.target_update == 0:
             update_target(self.target_net, self.policy_net, cfg.tau)
         if self.current_iteration % cfg.log_interval == 0:
@@ -284,8 +278,8 @@ class DQNAgent(BaseAgent):
             if not math.isfinite(loss_value):
                 raise UserError(f"training diverged: the loss is {loss_value} at environment step "
                                 f"{self.env_steps}; lower learning_rate (the last checkpoint is kept)")
-            self.writer.add_scalar("train/loss", loss_value, self.env_steps)
-            self.writer.add_scalar("train/mean_q", float(q_values.detach().mean()), self.env_steps)
+            self.log_scalars({"train/loss": loss_value, "train/mean_q": float(q_values.detach().mean())},
+                             self.env_steps)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -332,8 +326,8 @@ class DQNAgent(BaseAgent):
             self.save_gif(frames, self.paths.out / "test_episode.gif", env.metadata.get("render_fps", 50))
         self.mode_results = {"episodes": len(returns), "mean_return": float(np.mean(returns)),
                              "std_return": float(np.std(returns))}
-        for name in ("mean_return", "std_return"):
-            self.writer.add_scalar(f"test/{name}", self.mode_results[name], self.current_epoch)
+        self.log_scalars({f"test/{name}": self.mode_results[name] for name in ("mean_return", "std_return")},
+                         self.current_epoch)
         self.logger.info(f"test of the model from epoch {self.current_epoch}: {len(returns)} greedy episodes, "
                          f"return {self.mode_results['mean_return']:.1f} +- {self.mode_results['std_return']:.1f} "
                          f"(min {min(returns):.0f}, max {max(returns):.0f})")

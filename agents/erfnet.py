@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import nn, optim
 
 from agents.base import SupervisedAgent
-from datasets.voc import (CLASSES, IGNORE_INDEX, MaskFiles, VOCDataLoader, colorize, eval_collate, save_mask,
-                          training_files, weights_cache_path)
+from datasets.voc import (CLASSES, DATA_MODES, IGNORE_INDEX, MaskFiles, VOCDataLoader, colorize, eval_collate,
+                          save_mask, training_files, weights_cache_path)
+from graphs.losses.class_weights import cached_enet_weights, load_class_weights
 from graphs.models.erfnet import ERFNet
-from utils.class_weights import cached_enet_weights, load_class_weights
 from utils.config import Key
 from utils.data import DATA_LOADER_KEYS
 from utils.distributed import all_reduce_sum
@@ -32,22 +32,23 @@ class ERFNetAgent(SupervisedAgent):
     DEFAULTS = {
         **DATA_LOADER_KEYS,
         "data_folder": "data/voc",
-        "data_mode": Key("download", choices=("download", "local")),
+        "data_mode": Key("download", choices=DATA_MODES),
         "sbd": False,                 # train on VOC 2012 train + SBD ("train_aug", 10,582 images)
-        "img_size": 256,              # training crops are img_size^2; validation images get this shorter side
+        # training crops are img_size^2; validation images get this shorter side; a multiple of 8
+        "img_size": Key(256, minimum=8),
         "scale_range": [0.5, 2.0],    # random scale of the training images, relative to img_size
         "batch_size": 16,
         "test_batch_size": 16,
         "max_epoch": 150,
-        "learning_rate": 5e-4,
+        "learning_rate": Key(5e-4, minimum=0),
         "betas": [0.9, 0.999],
-        "eps": 1e-8,
-        "weight_decay": 1e-4,
-        "lr_power": 0.9,              # learning_rate * (1 - step / steps) ** lr_power
+        "eps": Key(1e-8, minimum=0),
+        "weight_decay": Key(1e-4, minimum=0),
+        "lr_power": Key(0.9, minimum=0),   # learning_rate * (1 - step / steps) ** lr_power
         "lr_step": Key("iteration", choices=("iteration", "epoch")),   # what a step of that decay is
         "class_weights": Key("auto", types=(str, NoneType)),   # "auto" (ENet), a .npy path, or null
         "pretrained_encoder": Key(None, types=(str, NoneType)),  # encoder weights to start from
-        "val_examples": 4,            # validation images shown in TensorBoard: image | truth | prediction
+        "val_examples": Key(4, minimum=0),   # validation images shown in TensorBoard: image | truth | prediction
         "monitor": "val/mIoU",
         "monitor_mode": "max",
     }
@@ -56,7 +57,7 @@ class ERFNetAgent(SupervisedAgent):
     @classmethod
     def check_config(cls, config):
         super().check_config(config)
-        if config.img_size < 8 or config.img_size % 8:
+        if config.img_size % 8:
             raise ConfigError(f"img_size is {config.img_size}; ERFNet downsamples 3 times, so it must be a "
                               f"multiple of 8 (e.g. 256)")
         numbers = [value for key in ("scale_range", "betas") for value in config[key]]
@@ -67,8 +68,6 @@ class ERFNetAgent(SupervisedAgent):
                               "0 < low <= high (e.g. [0.5, 2.0])")
         if len(config.betas) != 2 or not all(0 <= beta < 1 for beta in config.betas):
             raise ConfigError(f"config key 'betas' is {config.betas}; Adam's betas are two numbers in [0, 1)")
-        if config.val_examples < 0:
-            raise ConfigError("config key 'val_examples' cannot be negative")
         weights = config.class_weights
         if weights not in (None, "auto") and not Path(weights).is_file():
             raise ConfigError(f"class weights file '{weights}' does not exist; set \"class_weights\" to a "
@@ -83,16 +82,17 @@ class ERFNetAgent(SupervisedAgent):
     def build(self):
         cfg = self.config
         training = cfg.mode == "train"
-        self.net = ERFNet(len(CLASSES))
+        self.raw_model = ERFNet(len(CLASSES))
         if training and cfg.pretrained_encoder:
             self.load_pretrained_encoder(self.local_copy(cfg.pretrained_encoder))
-        self.model = self.add_model("model", self.net)
+        self.model = self.add_model("model", self.raw_model)   # raw_model wrapped (DDP, compile) for training
         optimizer = self.add_optimizer("optimizer", optim.Adam(
             self.model.parameters(), lr=cfg.learning_rate, betas=tuple(cfg.betas), eps=cfg.eps,
             weight_decay=cfg.weight_decay))
-        self.data_loader = VOCDataLoader(cfg.data_folder, cfg.data_mode, cfg.sbd, cfg.img_size, cfg.scale_range,
-                                         cfg.batch_size, cfg.test_batch_size, cfg.data_loader_workers,
-                                         cfg.pin_memory, self.device, train=training)
+        self.data_loader = VOCDataLoader(
+            data_folder=cfg.data_folder, data_mode=cfg.data_mode, sbd=cfg.sbd, img_size=cfg.img_size,
+            scale_range=cfg.scale_range, batch_size=cfg.batch_size, test_batch_size=cfg.test_batch_size,
+            workers=cfg.data_loader_workers, pin_memory=cfg.pin_memory, device=self.device, train=training)
         if training:
             # A lambda (not a bound method): LambdaLR leaves plain functions out of its state_dict.
             poly = optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.poly_factor(step))
@@ -163,7 +163,7 @@ class ERFNetAgent(SupervisedAgent):
         if not isinstance(state, dict):
             raise CheckpointError(f"pretrained encoder '{path}' holds no state_dict")
         try:
-            unused = self.net.load_encoder(state)
+            unused = self.raw_model.load_encoder(state)
         except ValueError as e:
             raise CheckpointError(f"pretrained encoder '{path}' does not fit ERFNet's encoder: {e}") from None
         self.logger.info(f"encoder weights loaded from {path}"
@@ -182,7 +182,7 @@ class ERFNetAgent(SupervisedAgent):
         for i, image in enumerate(batch["image"]):
             shapes.setdefault(tuple(image.shape), []).append(i)
         for members in shapes.values():
-            out = self.net(self.to_device(torch.stack([batch["image"][i] for i in members])))   # (n, C, h', w')
+            out = self.raw_model(self.to_device(torch.stack([batch["image"][i] for i in members])))   # (n, C, h', w')
             for j, i in enumerate(members):
                 logits[i] = out[j:j + 1]
         predictions, loss_sums, weight_sums = [], [], []
@@ -233,9 +233,9 @@ class ERFNetAgent(SupervisedAgent):
 
     def validate(self):
         metrics, iou = self.score(self.data_loader.valid_loader, "val")
-        for name, value in zip(CLASSES, iou):
-            if not math.isnan(value):        # NaN: the class is in neither the masks nor the predictions
-                self.writer.add_scalar(f"val_iou/{name}", value, self.current_epoch)
+        # NaN: the class is in neither the masks nor the predictions
+        self.log_scalars({f"val_iou/{name}": value for name, value in zip(CLASSES, iou) if not math.isnan(value)},
+                         self.current_epoch)
         self.write_examples()
         return metrics
 
@@ -254,7 +254,7 @@ class ERFNetAgent(SupervisedAgent):
                 prediction = self.validate_step(batch)["predictions"][0]
             image, mask = dataset.read(index)                          # (3, H, W) uint8, (H, W) uint8
             strip = torch.cat([image.float() / 255, colorize(mask), colorize(prediction).cpu()], dim=2)
-            self.writer.add_image(f"val_examples/{dataset.names[index]}", strip, self.current_epoch)
+            self.log_images(f"val_examples/{dataset.names[index]}", strip, self.current_epoch)
 
     def test(self):
         """Evaluate the validation set (VOC 2012 test has no public masks), write every prediction as
@@ -266,8 +266,7 @@ class ERFNetAgent(SupervisedAgent):
             save_mask(prediction, out / f"{names[index]}.png")
 
         metrics, iou = self.score(self.data_loader.valid_loader, "test", on_prediction=write_mask)
-        for tag, value in metrics.items():
-            self.writer.add_scalar(tag, value, self.current_epoch)
+        self.log_scalars(metrics, self.current_epoch)
         self.mode_results = {**metrics, "test/iou": dict(zip(CLASSES, iou)), "epoch": self.current_epoch,
                              "masks": str(out)}
         width = max(len(name) for name in (*CLASSES, "mean class acc."))

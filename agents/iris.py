@@ -14,13 +14,14 @@ class IrisAgent(SupervisedAgent):
     DEFAULTS = {
         "network": Key("mlp", choices=NETWORKS),
         "init": Key("default", choices=INITS),   # "default": PyTorch's; "xavier": Glorot uniform
-        "hidden_size": 64,
-        "learning_rate": 0.01,
-        "weight_decay": 0.0,
+        "hidden_size": Key(64, minimum=1),
+        "learning_rate": Key(0.01, minimum=0),
+        "weight_decay": Key(0.0, minimum=0),
         "batch_size": 16,
         "max_epoch": 100,
-        "valid_fraction": 0.2,
-        "split_seed": 0,       # the train/valid split; fixed while `seed` varies the training
+        "valid_fraction": Key(0.2, minimum=0, maximum=1),
+        # the train/valid split; fixed while `seed` varies the training
+        "split_seed": Key(0, minimum=0, maximum=2**32 - 1),
         "monitor": "val/accuracy",
         "monitor_mode": "max",
     }
@@ -28,7 +29,8 @@ class IrisAgent(SupervisedAgent):
 
     def build(self):
         cfg = self.config
-        self.data_loader = IrisDataLoader(cfg.batch_size, cfg.valid_fraction, cfg.split_seed, self.device)
+        self.data_loader = IrisDataLoader(batch_size=cfg.batch_size, valid_fraction=cfg.valid_fraction,
+                                          split_seed=cfg.split_seed, device=self.device)
         network = build_baseline(cfg.network, self.data_loader.num_features, self.data_loader.num_classes,
                                  cfg.hidden_size, cfg.init)
         self.model = self.add_model("model", network)

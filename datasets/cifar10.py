@@ -1,7 +1,5 @@
 """CIFAR-10 held as one uint8 tensor per split on the device, batched by index, with the standard
 augmentation (4-pixel padded random crop, horizontal flip) done on whole batches there."""
-import contextlib
-import io
 import pickle
 from functools import lru_cache
 from pathlib import Path
@@ -12,6 +10,7 @@ import torch.nn.functional as F
 
 from utils.data import TensorBatchLoader
 from utils.errors import ConfigError, DataError
+from utils.files import atomic_write, quiet_output
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
@@ -32,8 +31,7 @@ def download_split(data_folder: str, train: bool) -> tuple[torch.Tensor, torch.T
     from torchvision.datasets import CIFAR10  # only this mode needs torchvision
 
     try:
-        # torchvision prints the download and extraction; keep that out of the user's console.
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        with quiet_output():   # torchvision prints the download and extraction
             dataset = CIFAR10(data_folder, train=train, download=True)
     except (OSError, RuntimeError) as e:  # URLError (no network) is an OSError; a bad archive, a RuntimeError
         reason = (str(e).splitlines() or [type(e).__name__])[0]
@@ -174,12 +172,11 @@ class Cifar10DataLoader:
     batches in <data_folder>/cifar-10-batches-py/, checksums not checked) or "numpy"
     (<data_folder>/{x,y}_{train,test}.npy)."""
 
-    def __init__(self, data_folder: str, data_mode: str, batch_size: int, test_batch_size: int,
+    def __init__(self, *, data_folder: str, data_mode: str, batch_size: int, test_batch_size: int,
                  device: torch.device):
-        readers = {"download": download_split, "local": read_local_split, "numpy": read_numpy_split}
-        if data_mode not in readers:
+        if data_mode not in DATA_MODES:
             raise ConfigError(f"data_mode '{data_mode}' is not one of {', '.join(DATA_MODES)}")
-        read = readers[data_mode]
+        read = {"download": download_split, "local": read_local_split, "numpy": read_numpy_split}[data_mode]
         train_images, train_labels = read(data_folder, train=True)
         test_images, test_labels = read(data_folder, train=False)
         self.train_loader = TensorBatchLoader(train_images.to(device), train_labels.to(device),
@@ -219,5 +216,7 @@ def write_cifar10_numpy(data_folder: str, train_images: torch.Tensor, train_labe
     folder = Path(data_folder)
     folder.mkdir(parents=True, exist_ok=True)
     for split, images, labels in (("train", train_images, train_labels), ("test", test_images, test_labels)):
-        np.save(folder / f"x_{split}.npy", images.to(torch.uint8).permute(0, 2, 3, 1).numpy())
-        np.save(folder / f"y_{split}.npy", labels.to(torch.int64).numpy())
+        with atomic_write(folder / f"x_{split}.npy") as f:
+            np.save(f, images.to(torch.uint8).permute(0, 2, 3, 1).numpy())
+        with atomic_write(folder / f"y_{split}.npy") as f:
+            np.save(f, labels.to(torch.int64).numpy())

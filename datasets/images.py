@@ -1,8 +1,6 @@
 """Training images for a GAN (the DCGAN example): any folder of images, CelebA's aligned faces, or
 MNIST, resized and centre-cropped to image_size and scaled to [-1, 1], the range of the generator's
 tanh. Only a train loader: a GAN has no validation split."""
-import contextlib
-import io
 import os
 from functools import partial
 from pathlib import Path
@@ -16,9 +14,11 @@ from torchvision import transforms
 from datasets.mnist import load_split
 from utils.data import TensorBatchLoader, make_data_loader
 from utils.errors import ConfigError, DataError
+from utils.files import quiet_output
 
 DATASETS = ("folder", "celeba", "mnist")
 DATA_MODES = ("download", "local")
+CHANNELS = (1, 3)           # images are read as grayscale ("L") or RGB
 # What torchvision's ImageFolder reads, compared in lower case.
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
 ROOT_CLASS = "."            # the class of images lying directly in the folder, beside class subfolders
@@ -93,8 +93,7 @@ def celeba_folder(data_folder: str, download: bool) -> Path:
         from torchvision.datasets import CelebA  # only this mode needs it
 
         try:
-            # torchvision (and gdown, which it fetches Google Drive files with) print progress.
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            with quiet_output():   # torchvision and gdown (its Google Drive fetcher) print progress
                 CelebA(data_folder, split="all", download=True)
         except Exception as e:  # no network, no gdown, Google Drive's daily quota, a bad archive: all one fix
             reason = (str(e).splitlines() or [""])[0] or type(e).__name__
@@ -134,13 +133,13 @@ class ImageDataLoader:
           whole batch at a time there (bilinear, as pytorch/examples' dcgan resizes MNIST);
           input_channels must be 1; workers and pin_memory are not used."""
 
-    def __init__(self, data_folder: str, dataset: str, data_mode: str, image_size: int, input_channels: int,
+    def __init__(self, *, data_folder: str, dataset: str, data_mode: str, image_size: int, input_channels: int,
                  batch_size: int, workers: int, pin_memory, device):
         if dataset not in DATASETS:
             raise ConfigError(f"dataset '{dataset}' is not one of {', '.join(DATASETS)}")
         if data_mode not in DATA_MODES:
             raise ConfigError(f"data_mode '{data_mode}' is not one of {', '.join(DATA_MODES)}")
-        if input_channels not in (1, 3):
+        if input_channels not in CHANNELS:
             raise ConfigError(f"input_channels is {input_channels}; images are read as 1 (grayscale) "
                               f"or 3 (RGB) channels")
         if dataset == "mnist" and input_channels != 1:

@@ -3,6 +3,7 @@ it needs no download."""
 import torch
 
 from utils.data import TensorBatchLoader
+from utils.errors import ConfigError
 
 CLASS_NAMES = ("setosa", "versicolor", "virginica")
 
@@ -33,9 +34,12 @@ class IrisDataLoader:
     """train_loader / valid_loader over a stratified split; features standardised with the
     training split's mean and standard deviation."""
 
-    def __init__(self, batch_size: int, valid_fraction: float, split_seed: int, device: torch.device):
+    def __init__(self, *, batch_size: int, valid_fraction: float, split_seed: int, device: torch.device):
         features, labels = load_iris_tensors()
         train, valid = stratified_split(labels, valid_fraction, split_seed)
+        if len(valid) == 0 or len(train) < 2:   # the standard deviation needs two training flowers
+            raise ConfigError(f"valid_fraction {valid_fraction} leaves {len(train)} training and {len(valid)} "
+                              f"validation flowers of {len(labels)}; use a fraction like 0.2")
         mean, std = features[train].mean(0), features[train].std(0)
         features = (features - mean) / std
         self.num_features, self.num_classes = features.shape[1], len(CLASS_NAMES)

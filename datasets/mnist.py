@@ -1,17 +1,17 @@
 """MNIST through torchvision's reader, held as one uint8 tensor and batched by index."""
-import contextlib
-import io
 from pathlib import Path
 
 import torch
 from torchvision.datasets import MNIST
 
 from utils.data import TensorBatchLoader
-from utils.errors import DataError
+from utils.errors import ConfigError, DataError
+from utils.files import quiet_output
 
 MEAN, STD = 0.1307, 0.3081
 RAW_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+DATA_MODES = ("download", "local")   # "local": the raw files must be in <data_folder>/MNIST/raw already
 
 
 def load_split(data_folder: str, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -19,8 +19,7 @@ def load_split(data_folder: str, train: bool, download: bool) -> tuple[torch.Ten
     <data_folder>/MNIST/raw/ (the layout torchvision uses), downloaded there first if asked."""
     raw = Path(data_folder) / "MNIST" / "raw"
     try:
-        # torchvision prints each mirror it tries; keep that out of the user's console.
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        with quiet_output():   # torchvision prints each mirror it tries
             dataset = MNIST(data_folder, train=train, download=download)
     except RuntimeError as e:
         fix = ("the download failed (no network?); put them there by hand" if download
@@ -39,8 +38,11 @@ class MnistDataLoader:
     """train_loader: the 60,000 training digits, shuffled each epoch; valid_loader and test_loader:
     the 10,000 test digits, as pytorch/examples validates MNIST. All images live on `device`."""
 
-    def __init__(self, data_folder: str, download: bool, batch_size: int, test_batch_size: int,
+    def __init__(self, *, data_folder: str, data_mode: str, batch_size: int, test_batch_size: int,
                  device: torch.device):
+        if data_mode not in DATA_MODES:
+            raise ConfigError(f"data_mode '{data_mode}' is not one of {', '.join(DATA_MODES)}")
+        download = data_mode == "download"
         train_images, train_labels = load_split(data_folder, train=True, download=download)
         test_images, test_labels = load_split(data_folder, train=False, download=download)
         self.train_loader = TensorBatchLoader(train_images.to(device), train_labels.to(device),

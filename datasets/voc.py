@@ -6,8 +6,6 @@ the scaled image is smaller), horizontal flip, on image and mask together (torch
 masks resize with nearest neighbour). Validation samples: the image resized so that its shorter
 side is img_size, and the mask at its original size, so that metrics follow the VOC protocol.
 """
-import contextlib
-import io
 import logging
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from torchvision.transforms import v2
 
 from utils.data import make_data_loader
 from utils.errors import ConfigError, DataError
+from utils.files import quiet_output
 
 logger = logging.getLogger(__name__)
 
@@ -97,14 +96,6 @@ def read_mask(path: str | Path) -> np.ndarray:
     return mask
 
 
-def _quiet():
-    """torchvision prints download and extraction progress: keep it out of the user's console."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
-    stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
-    return stack
-
-
 def _first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
@@ -114,7 +105,7 @@ def _fetch_if_missing(needed: list[Path], download: bool, fetch, what: str, by_h
     the first path still missing, or None."""
     if download and not all(path.exists() for path in needed):
         try:
-            with _quiet():
+            with quiet_output():   # torchvision prints download and extraction progress
                 fetch()
         except Exception as e:  # no network (URLError is an OSError), a bad archive, a full disk: one fix
             raise DataError(f"could not download {what} ({_first_line(e)}); {by_hand}, and set "
@@ -323,7 +314,7 @@ class VOCDataLoader:
     data_mode "download": torchvision fetches VOC 2012 (and SBD) into data_folder when they are not
     there yet; "local": they must be there (VOCdevkit/VOC2012, SBD)."""
 
-    def __init__(self, data_folder: str, data_mode: str, sbd: bool, img_size: int, scale_range,
+    def __init__(self, *, data_folder: str, data_mode: str, sbd: bool, img_size: int, scale_range,
                  batch_size: int, test_batch_size: int, workers: int, pin_memory, device, train: bool = True):
         if data_mode not in DATA_MODES:
             raise ConfigError(f"data_mode '{data_mode}' is not one of {', '.join(DATA_MODES)}")

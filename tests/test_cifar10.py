@@ -57,7 +57,8 @@ def pass_over(loader):
 
 
 def loader(folder, mode="local", device="cpu", batch_size=32, test_batch_size=20):
-    return Cifar10DataLoader(str(folder), mode, batch_size, test_batch_size, torch.device(device))
+    return Cifar10DataLoader(data_folder=str(folder), data_mode=mode, batch_size=batch_size,
+                             test_batch_size=test_batch_size, device=torch.device(device))
 
 
 @pytest.mark.parametrize("device", DEVICES)

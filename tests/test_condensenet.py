@@ -137,11 +137,11 @@ def test_resume_mid_training_condenses_at_the_same_steps(cifar_folder, tmp_path,
     first = cls(cfg)
     run_until_ctrl_c(first, epoch=1)
     assert first.status == "interrupted" and first.current_epoch == 1
-    assert first.net.pruned_fraction_per_block() == [0.25, 0.25]     # one stage done, two to come
+    assert first.raw_model.pruned_fraction_per_block() == [0.25, 0.25]     # one stage done, two to come
     resumed = cls(cfg, ckpt.load("experiments/split/checkpoints/checkpoint.pth.tar"))
     resumed.run()
-    assert resumed.net.pruned_fraction_per_block() == [0.75, 0.75]
-    for (name, a), b in zip(straight.net.state_dict().items(), resumed.net.state_dict().values()):
+    assert resumed.raw_model.pruned_fraction_per_block() == [0.75, 0.75]
+    for (name, a), b in zip(straight.raw_model.state_dict().items(), resumed.raw_model.state_dict().values()):
         assert torch.equal(a, b), name
 
 

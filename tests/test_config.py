@@ -1,10 +1,11 @@
 import json
+from types import NoneType
 
 import pytest
 
 from agents import make_config
 from agents.base import BaseAgent
-from utils.config import Key, apply_overrides, load_source, parse_override, validate
+from utils.config import Key, apply_overrides, inherit, load_source, parse_override, validate
 from utils.errors import ConfigError
 
 MNIST = {"exp_name": "t", "agent": "MnistAgent"}
@@ -131,3 +132,55 @@ def test_every_base_key_has_a_usable_default():
                 "validate_every", "checkpoint_file", "device", "monitor", "monitor_mode",
                 "early_stopping_patience", "amp", "keep_last_checkpoints"):
         assert key in spec, key
+
+
+RANGED = {"batch_size": Key(64, minimum=1), "dropout": Key(0.0, minimum=0, maximum=1),
+          "grad_clip": Key(10.0, types=(float, NoneType), maximum=100), "free": 0.5}
+
+
+def test_ranges_are_inclusive_and_null_passes_where_allowed():
+    resolved = validate({"batch_size": 1, "dropout": 1, "grad_clip": None, "free": -1e9}, RANGED, "X")
+    assert resolved == {"batch_size": 1, "dropout": 1, "grad_clip": None, "free": -1e9}
+    assert validate({"dropout": 0, "grad_clip": 100}, RANGED, "X")["grad_clip"] == 100
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("batch_size", 0, "config key 'batch_size' must be at least 1, got 0"),
+    ("batch_size", -3, "config key 'batch_size' must be at least 1, got -3"),
+    ("dropout", 1.5, "config key 'dropout' must be between 0 and 1, got 1.5"),
+    ("dropout", -0.1, "config key 'dropout' must be between 0 and 1, got -0.1"),
+    ("grad_clip", 100.5, "config key 'grad_clip' must be at most 100, got 100.5"),
+])
+def test_a_number_out_of_range_is_one_clear_line(key, value, message):
+    with pytest.raises(ConfigError) as error:
+        validate({key: value}, RANGED, "X")
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize("text", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers_are_refused_where_a_range_is_declared(text):
+    value = json.loads(text)     # Python's JSON parser accepts these
+    for key in ("dropout", "grad_clip"):
+        with pytest.raises(ConfigError, match=f"^config key '{key}' must be a finite number, got {text}$"):
+            validate({key: value}, RANGED, "X")
+    assert validate({"free": value}, RANGED, "X")["free"] is value     # no range declared: not checked
+    with pytest.raises(ConfigError, match=f"'learning_rate' must be a finite number, got {text}"):
+        make_config(MNIST, [f"learning_rate={text}"])
+
+
+def test_a_plain_default_in_a_subclass_keeps_the_parents_range():
+    assert inherit(Key(10, minimum=1), 14) == Key(14, minimum=1)
+    assert inherit(Key(10, minimum=1), Key(3)) == Key(3)          # a Key replaces the declaration
+    assert inherit(None, 5) == 5 and inherit(7, 5) == 5
+    # MnistAgent declares "max_epoch": 14 and "batch_size" comes from SupervisedAgent.
+    for override, message in (("max_epoch=0", "config key 'max_epoch' must be at least 1, got 0"),
+                              ("batch_size=0", "config key 'batch_size' must be at least 1, got 0"),
+                              ("keep_last_checkpoints=-1", "'keep_last_checkpoints' must be at least 0, got -1"),
+                              ("early_stopping_patience=0", "'early_stopping_patience' must be at least 1, got 0"),
+                              ("seed=-1", "'seed' must be between 0 and 4294967295, got -1"),
+                              ("seed=4294967296", "'seed' must be between 0 and 4294967295, got 4294967296"),
+                              ("momentum=1.5", "'momentum' must be between 0 and 1, got 1.5")):
+        with pytest.raises(ConfigError, match=message):
+            make_config(MNIST, [override])
+    _, config = make_config(MNIST, ["seed=4294967295", "early_stopping_patience=null", "learning_rate=0"])
+    assert (config.seed, config.early_stopping_patience, config.learning_rate) == (4294967295, None, 0)

@@ -93,9 +93,8 @@ def test_a_hanging_rank_times_out_instead_of_blocking_forever(tmp_path):
 
 
 def test_data_loaders_get_a_distributed_sampler_reshuffled_every_epoch():
-    from agents.base import BaseAgent
     from utils.data import make_data_loader
-    from utils.distributed import shard_data_loader
+    from utils.distributed import set_epoch, shard_data_loader
 
     dataset = torch.utils.data.TensorDataset(torch.arange(96.0))
     loader = make_data_loader(dataset, 16, shuffle=True, workers=0, pin_memory="auto", device="cpu")
@@ -105,6 +104,6 @@ def test_data_loaders_get_a_distributed_sampler_reshuffled_every_epoch():
     assert (sampler.num_replicas, sampler.rank, sampler.shuffle) == (2, 1, True)
     assert len(sharded) == 3 and sharded.batch_size == 16            # 48 of the 96 samples
     first = torch.cat([batch for (batch,) in sharded])
-    BaseAgent._set_data_epoch(SimpleNamespace(data_loader=SimpleNamespace(train_loader=sharded), current_epoch=1))
+    set_epoch(SimpleNamespace(train_loader=sharded), 1)
     assert sampler.epoch == 1
     assert not torch.equal(first, torch.cat([batch for (batch,) in sharded]))

@@ -13,11 +13,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from datasets.voc import (CLASSES, IGNORE_INDEX, SegmentationDataset, VOCDataLoader, eval_collate, read_mask,
                           save_mask, train_transform, training_files, voc_palette, weights_cache_path)
+from graphs.losses.class_weights import count_pixels, enet_weights
 from graphs.models.custom_layers.erfnet_blocks import DownsamplerBlock, NonBottleneck1d
 from graphs.models.erfnet import ERFNet
 from tests.conftest import ROOT, run_main
 from tests.test_distributed import torchrun
-from utils.class_weights import count_pixels, enet_weights, load_class_weights
 from utils.errors import CheckpointError, ConfigError, DataError
 from utils.metrics import ConfusionMatrix, segmentation_metrics
 
@@ -113,20 +113,6 @@ def test_confusion_matrix_counts_and_ignores_255():
     assert matrix.all_reduce().counts.sum() == 9            # one process: unchanged
 
 
-# ----------------------------------------------------------------------------- class weights
-
-
-def test_enet_weights_and_their_file_checks(tmp_path):
-    counts = count_pixels([np.array([[0, 0, 0, 1], [255, 255, 0, 2]], dtype=np.uint8)], 4)
-    assert counts.tolist() == [4, 1, 1, 0]
-    weights = enet_weights(counts)
-    expected = 1 / np.log(1.02 + np.array([4, 1, 1, 0]) / 6)
-    assert weights == pytest.approx(expected, rel=1e-6) and weights[3] == pytest.approx(1 / math.log(1.02))
-    np.save(tmp_path / "short.npy", np.ones(20))
-    with pytest.raises(ConfigError, match="shape \\(20,\\); expected 21 numbers"):
-        load_class_weights(tmp_path / "short.npy", 21)
-
-
 # ----------------------------------------------------------------------------- VOC data
 
 COLOURS = {1: (220, 40, 40), 12: (40, 200, 40), 15: (40, 40, 220)}    # aeroplane, dog, person
@@ -203,8 +189,15 @@ def test_joint_transforms_keep_image_and_mask_aligned(voc_folder):
     assert saw_padding                                 # scaled below 32: padded with 255
 
 
+def voc_loader(folder, scale_range=(0.5, 2.0)) -> VOCDataLoader:
+    """The fixture at img_size 32, batches of 4 (training) and 3 (validation), on the CPU."""
+    return VOCDataLoader(data_folder=str(folder), data_mode="local", sbd=False, img_size=32,
+                         scale_range=list(scale_range), batch_size=4, test_batch_size=3, workers=0,
+                         pin_memory=False, device="cpu")
+
+
 def test_validation_batches_keep_original_masks(voc_folder):
-    data = VOCDataLoader(str(voc_folder), "local", False, 32, [0.5, 2.0], 4, 3, 0, False, "cpu")
+    data = voc_loader(voc_folder)
     batch = next(iter(data.valid_loader))
     assert [tuple(image.shape) for image in batch["image"]] == [(3, 32, 48), (3, 40, 32), (3, 32, 32)]
     assert batch["size"].tolist() == [[32, 44], [37, 32], [32, 32]]      # shorter side img_size, unpadded
@@ -218,7 +211,7 @@ def test_validation_batches_keep_original_masks(voc_folder):
 
 def test_the_network_fits_the_fixture_shapes(voc_folder):
     torch.manual_seed(0)
-    data = VOCDataLoader(str(voc_folder), "local", False, 32, [1.0, 1.0], 4, 3, 0, False, "cpu")
+    data = voc_loader(voc_folder, scale_range=(1.0, 1.0))
     images, masks = next(iter(data.train_loader))
     net = ERFNet(21)
     optimizer = torch.optim.Adam(net.parameters(), 5e-3)
@@ -234,9 +227,9 @@ def test_the_network_fits_the_fixture_shapes(voc_folder):
 
 def test_missing_voc_is_a_clear_error(voc_folder, tmp_path):
     with pytest.raises(DataError, match="VOCdevkit/VOC2012/JPEGImages.*\"data_mode\": \"download\""):
-        VOCDataLoader(str(tmp_path), "local", False, 32, [0.5, 2.0], 4, 3, 0, False, "cpu")
+        voc_loader(tmp_path)
     with pytest.raises(DataError, match="the folder holding VOCdevkit"):
-        VOCDataLoader(str(voc_folder / "VOCdevkit"), "local", False, 32, [0.5, 2.0], 4, 3, 0, False, "cpu")
+        voc_loader(voc_folder / "VOCdevkit")
 
 
 def test_sbd_joins_the_training_set_without_voc_val(tmp_path):
@@ -336,7 +329,7 @@ def test_resume_gives_the_weights_of_the_straight_run(voc_folder, tmp_path, monk
     cls, config = make_config(settings)
     straight = cls(config)
     straight.run()
-    assert straight._schedulers["scheduler"][0].last_epoch == 4 and straight.optimizer.param_groups[0]["lr"] == 0
+    assert straight.parts.schedulers["scheduler"][0].last_epoch == 4 and straight.optimizer.param_groups[0]["lr"] == 0
 
     cls, config = make_config({**settings, "exp_name": "split"})
     first = cls(config)
@@ -352,7 +345,7 @@ def test_resume_gives_the_weights_of_the_straight_run(voc_folder, tmp_path, monk
     assert first.status == "interrupted" and first.current_epoch == 1
     resumed = cls(config, ckpt.load("experiments/split/checkpoints/checkpoint.pth.tar"))
     resumed.run()
-    for (name, a), b in zip(straight.net.state_dict().items(), resumed.net.state_dict().values()):
+    for (name, a), b in zip(straight.raw_model.state_dict().items(), resumed.raw_model.state_dict().values()):
         assert torch.equal(a, b), name
     assert resumed.best_value == straight.best_value
 
@@ -386,7 +379,7 @@ def test_files_that_do_not_fit_are_clear_errors(case, voc_folder, tmp_path, monk
 
 
 def test_class_weights_script(voc_folder, tmp_path, capsys):
-    from utils.class_weights import main
+    from datasets.voc_class_weights import main
 
     assert main(["--data-folder", str(voc_folder), "--output", str(tmp_path / "w.npy")]) == 0
     files = training_files(str(voc_folder), sbd=False, download=False)
@@ -403,7 +396,7 @@ def test_poly_decay_per_epoch(voc_folder, tmp_path, monkeypatch):
     cls, config = make_config({"exp_name": "epochs", "agent": "ERFNetAgent", **SMALL, "data_folder": str(voc_folder),
                                "lr_step": "epoch", "max_epoch": 4})
     agent = cls(config)
-    assert agent._schedulers["scheduler"][1] == "epoch"
+    assert agent.parts.schedulers["scheduler"][1] == "epoch"
     assert [agent.poly_factor(epoch) for epoch in range(5)] == pytest.approx(
         [1, 0.75 ** 0.9, 0.5 ** 0.9, 0.25 ** 0.9, 0])
 
@@ -435,7 +428,7 @@ def test_an_encoder_url_is_downloaded_once_into_torch_hub(voc_folder, tmp_path, 
     agent = cls(config)
     cached = tmp_path / "torch_home" / "hub" / "checkpoints" / "erfnet_encoder_pretrained.pth.tar"
     assert cached.is_file()
-    assert torch.equal(agent.net.encoder.layers[9].conv1x3_2.weight, source.encoder.layers[9].conv1x3_2.weight)
+    assert torch.equal(agent.raw_model.encoder.layers[9].conv1x3_2.weight, source.encoder.layers[9].conv1x3_2.weight)
     agent.finalize()
 
     cls, config = make_config({"exp_name": "offline", "agent": "ERFNetAgent", **SMALL, "data_folder": str(voc_folder),

@@ -57,8 +57,9 @@ def celeba_root(tmp_path_factory):
 
 def build(folder, dataset="folder", data_mode="local", image_size=32, input_channels=3, batch_size=5,
           workers=0) -> ImageDataLoader:
-    return ImageDataLoader(str(folder), dataset, data_mode, image_size, input_channels, batch_size, workers,
-                           "auto", torch.device("cpu"))
+    return ImageDataLoader(data_folder=str(folder), dataset=dataset, data_mode=data_mode, image_size=image_size,
+                           input_channels=input_channels, batch_size=batch_size, workers=workers,
+                           pin_memory="auto", device=torch.device("cpu"))
 
 
 def pass_over(loader):

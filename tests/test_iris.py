@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from agents import make_config
-from datasets.iris import load_iris_tensors, stratified_split
+from datasets.iris import IrisDataLoader, load_iris_tensors, stratified_split
 from graphs.models.baselines import build_baseline
 from tests.conftest import ROOT
+from utils.errors import ConfigError
 
 CONFIG = str(ROOT / "configs" / "iris_exp_0.json")
 
@@ -48,6 +49,14 @@ def test_split_is_stratified_and_fixed():
     assert torch.equal(valid, stratified_split(labels, 0.2, seed=0)[1])
 
 
+@pytest.mark.parametrize("fraction", [0.0, 0.01, 0.99, 1.0])
+def test_a_split_that_leaves_a_side_empty_is_a_config_error(fraction):
+    with pytest.raises(ConfigError, match=f"valid_fraction {fraction} leaves"):
+        IrisDataLoader(batch_size=16, valid_fraction=fraction, split_seed=0, device=torch.device("cpu"))
+    with pytest.raises(ConfigError, match="'valid_fraction' must be between 0 and 1, got 1.5"):
+        make_config(CONFIG, ["valid_fraction=1.5"])
+
+
 @pytest.mark.parametrize("network", ["linear", "mlp", "mlp_fixed"])
 def test_each_baseline_learns_iris(network, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -68,7 +77,7 @@ def test_baseline_experiments_script_reruns_all_three(tmp_path):
     max_epoch lowered through its pass-through arguments. The copy already holds an iris_mlp run
     with checkpoints: a record is re-run over its earlier results."""
     project = tmp_path / "project"
-    for folder in ("agents", "graphs", "datasets", "utils", "configs"):
+    for folder in ("agents", "commands", "graphs", "datasets", "utils", "configs"):
         shutil.copytree(ROOT / folder, project / folder, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("main.py", "run.sh", "requirements.txt", "experiments/baseline_experiments.sh"):
         (project / name).parent.mkdir(parents=True, exist_ok=True)

@@ -19,19 +19,19 @@ class TinyAgent(SupervisedAgent):
         # "tensor": TensorBatchLoader; "torch": torch DataLoaders over a TensorDataset
         "loader": Key("tensor", choices=("tensor", "torch")),
         "shuffle": True,
-        "learning_rate": 0.1,
-        "momentum": 0.9,
-        "n_samples": 96,
+        "learning_rate": Key(0.1, minimum=0),
+        "momentum": Key(0.9, minimum=0, maximum=1),
+        "n_samples": Key(96, minimum=1),
         "batch_size": 16,
         "max_epoch": 3,
         "log_interval": 1,
-        "lr_gamma": 0.9,
+        "lr_gamma": Key(0.9, minimum=0),
         "scheduler_interval": Key("epoch", choices=("epoch", "iteration")),
         "monitor": "val/accuracy",
         "monitor_mode": "max",
         # For the distributed tests: this rank raises at this iteration, as a crashing process would.
-        "crash_at_iteration": Key(None, types=(int, NoneType)),
-        "crash_rank": 1,
+        "crash_at_iteration": Key(None, types=(int, NoneType), minimum=0),
+        "crash_rank": Key(1, minimum=0),
         "crash_by_hanging": False,    # instead of raising, stop answering (a stuck process)
     }
     metrics = ("loss", "accuracy")

@@ -1,79 +1,37 @@
-"""Checkpoint files: atomic writes, safe loads (weights_only), RNG state capture."""
-import contextlib
-import os
+"""Checkpoints: the run's stateful parts as one dict of plain types and tensors, the files that hold
+it (written atomically, loaded with weights_only), and RNG state capture."""
 import pickle
 import random
-import shutil
-import signal
-import tempfile
-import threading
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from utils.errors import CheckpointError
+from utils.files import atomic_write, copy_atomic
 
 FORMAT_VERSION = 1
+LATEST = "checkpoint.pth.tar"
+BEST = "model_best.pth.tar"
 
 
-@contextlib.contextmanager
-def interrupts_deferred():
-    """Hold Ctrl+C (SIGINT) and SIGTERM until the block is done, then raise KeyboardInterrupt.
-    torch.save interrupted halfway raises a RuntimeError from its zip writer instead of the
-    KeyboardInterrupt, which would turn a clean Ctrl+C into a crash."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received = []
-    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum))
-                for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    if received:
-        raise KeyboardInterrupt
-
-
-def _temporary_beside(path: Path) -> str:
-    """A new file in path's folder, with the permissions a plain open() would have given it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    return tmp
+def plain(value):
+    """Nested EasyDicts (and other mappings) as plain dicts, tuples as lists: what
+    torch.load(weights_only=True) accepts back."""
+    if isinstance(value, Mapping):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    return value
 
 
 def save_atomic(obj, path: Path):
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`:
     a crash or Ctrl+C mid-write leaves the previous file intact."""
-    path = Path(path)
-    with interrupts_deferred():
-        tmp = _temporary_beside(path)
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(obj, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-
-def copy_atomic(src: Path, dst: Path):
-    dst = Path(dst)
-    tmp = _temporary_beside(dst)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        torch.save(obj, f)
 
 
 def load(path: Path, map_location="cpu") -> dict:
@@ -93,6 +51,82 @@ def load(path: Path, map_location="cpu") -> dict:
         raise CheckpointError(f"'{path}' is not a checkpoint written by this framework "
                               "(no 'models' entry)")
     return state
+
+
+class CheckpointSaver:
+    """Owns a run's checkpoint files in one folder: checkpoint.pth.tar (the latest state, what
+    --resume continues), model_best.pth.tar (a copy at the best validation) and, with
+    keep_last > 0, epoch_NNNN.pth.tar copies of the last keep_last epochs."""
+
+    def __init__(self, folder: Path, keep_last: int = 0):
+        self.folder = Path(folder)
+        self.keep_last = keep_last
+
+    @property
+    def latest(self) -> Path:
+        return self.folder / LATEST
+
+    @property
+    def best(self) -> Path:
+        return self.folder / BEST
+
+    def save(self, state: dict, epoch: int, is_best: bool, keep_history: bool = True):
+        """keep_history False (an interrupted epoch): no epoch_NNNN copy of a half-done epoch."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        save_atomic(state, self.latest)
+        if is_best:
+            copy_atomic(self.latest, self.best)
+        if self.keep_last > 0 and keep_history:
+            copy_atomic(self.latest, self.folder / f"epoch_{epoch:04d}.pth.tar")
+            for old in sorted(self.folder.glob("epoch_*.pth.tar"))[:-self.keep_last]:
+                old.unlink()
+
+
+class TrainingParts:
+    """The stateful parts a run declares by name (models, optimizers, schedulers, the fp16 grad
+    scaler), turned into the checkpoint's entries and restored from them."""
+
+    def __init__(self):
+        self.models: dict[str, torch.nn.Module] = {}      # the plain modules, never DDP/compiled
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.schedulers: dict[str, tuple] = {}            # name -> (scheduler, "epoch" | "iteration")
+        self.scaler = None
+
+    def state_dict(self) -> dict:
+        return {
+            "models": {name: model.state_dict() for name, model in self.models.items()},
+            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+            "schedulers": {name: s.state_dict() for name, (s, _) in self.schedulers.items()},
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
+
+    def load_models(self, state: dict):
+        source = state.get("agent", "?")
+        for name, model in self.models.items():
+            if name not in state["models"]:
+                raise CheckpointError(f"the checkpoint (from {source}) has no weights for model "
+                                      f"'{name}'; it holds: {', '.join(state['models']) or 'none'}")
+            try:
+                model.load_state_dict(state["models"][name])
+            except RuntimeError as e:
+                detail = " ".join(str(e).split())
+                raise CheckpointError(f"the checkpoint's weights do not fit model '{name}' "
+                                      f"(was it trained with another architecture?): {detail[:300]}") from None
+
+    def load_training(self, state: dict):
+        """Optimizers, schedulers and the scaler, for a run that trains on."""
+        schedulers = {name: scheduler for name, (scheduler, _) in self.schedulers.items()}
+        for kind, table, stored in (("optimizer", self.optimizers, state.get("optimizers", {})),
+                                    ("scheduler", schedulers, state.get("schedulers", {}))):
+            for name, part in table.items():
+                if name not in stored:
+                    raise CheckpointError(f"the checkpoint has no state for {kind} '{name}'")
+                try:
+                    part.load_state_dict(stored[name])
+                except (ValueError, KeyError, RuntimeError) as e:
+                    raise CheckpointError(f"the checkpoint's state does not fit {kind} '{name}': {e}") from None
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
 
 
 def rng_states() -> dict:

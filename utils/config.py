@@ -1,8 +1,10 @@
 """Config loading: JSON file or inline JSON -> "extends" -> --set overrides -> declared defaults ->
 validation -> EasyDict; plus the experiment folders and logging of one run."""
+import dataclasses
 import difflib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -27,13 +29,28 @@ class Key:
 
     types: accepted Python types (default: the default value's type; an int is accepted for float).
     choices: allowed values. pattern: a regex a string value must match (with `pattern_hint` for
-    the error message).
+    the error message). minimum, maximum: inclusive bounds of a number (None: unbounded); a key
+    with either also refuses NaN and Infinity, which Python's JSON parser accepts.
+
+    A subclass that declares a plain value for a key its parent declared as a Key changes only the
+    default and keeps the parent's types, choices and range (see `inherit`).
     """
     default: Any
     types: tuple = ()
     choices: tuple = ()
     pattern: str = ""
     pattern_hint: str = ""
+    minimum: float | None = None
+    maximum: float | None = None
+
+
+def inherit(parent, declared):
+    """A subclass's DEFAULTS entry over its parent's: a Key replaces the parent's declaration, a
+    plain value is a new default under the parent's constraints (so "max_epoch": 14 in an agent
+    still has to be at least 1)."""
+    if isinstance(declared, Key) or not isinstance(parent, Key):
+        return declared
+    return dataclasses.replace(parent, default=declared)
 
 
 def _spec(value):
@@ -80,6 +97,23 @@ def _check_type(path, value, spec: Key):
         raise ConfigError(f"config key '{path}' is {json.dumps(value)}; it must be one of {options}")
     if spec.pattern and isinstance(value, str) and not re.fullmatch(spec.pattern, value):
         raise ConfigError(f"config key '{path}' is {json.dumps(value)}; {spec.pattern_hint}")
+    _check_range(path, value, spec)
+
+
+def _check_range(path, value, spec: Key):
+    low, high = spec.minimum, spec.maximum
+    if (low is None and high is None) or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return  # null (where the types allow it) and lists are not ranged
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key '{path}' must be a finite number, got {json.dumps(value)}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        if high is None:
+            bound = f"at least {low}"
+        elif low is None:
+            bound = f"at most {high}"
+        else:
+            bound = f"between {low} and {high}"
+        raise ConfigError(f"config key '{path}' must be {bound}, got {json.dumps(value)}")
 
 
 def _unknown_key_error(path, key, known, owner):

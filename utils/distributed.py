@@ -78,3 +78,31 @@ def shard_data_loader(loader, seed: int, rank: int, world_size: int):
                       timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
                       persistent_workers=loader.persistent_workers,
                       prefetch_factor=loader.prefetch_factor if loader.num_workers > 0 else None)
+
+
+LOADER_ATTRIBUTES = ("train_loader", "valid_loader", "test_loader")
+
+
+def shard_loaders(data_loader, seed: int, rank: int, world_size: int):
+    """Give this process its share of every loader of `data_loader` (an agent's data loader object,
+    built as for one process): a TensorBatchLoader is told its rank, a torch DataLoader gets a
+    DistributedSampler (a loader used for two splits is replaced once)."""
+    from utils.data import TensorBatchLoader
+
+    replaced = {}
+    for attribute in LOADER_ATTRIBUTES:
+        loader = getattr(data_loader, attribute, None)
+        if isinstance(loader, TensorBatchLoader):
+            loader.shard(rank, world_size)
+        elif isinstance(loader, torch.utils.data.DataLoader):
+            if id(loader) not in replaced:
+                replaced[id(loader)] = shard_data_loader(loader, seed, rank, world_size)
+            setattr(data_loader, attribute, replaced[id(loader)])
+
+
+def set_epoch(data_loader, epoch: int):
+    """DistributedSampler reshuffles only when told the epoch."""
+    for attribute in LOADER_ATTRIBUTES:
+        sampler = getattr(getattr(data_loader, attribute, None), "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)

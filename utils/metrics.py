@@ -113,3 +113,34 @@ def segmentation_metrics(counts: torch.Tensor) -> dict:
 def _nanmean(values: torch.Tensor) -> float:
     present = values[~values.isnan()]
     return float(present.mean()) if len(present) else math.nan
+
+
+class BestValue:
+    """The best value of the monitored metric so far, the epoch it came at, and how many
+    validations in a row have not improved on it (early stopping's count)."""
+
+    def __init__(self, mode: str = "min", patience: int | None = None):
+        self.mode, self.patience = mode, patience
+        self.value, self.epoch, self.bad_epochs = None, None, 0
+
+    def update(self, value: float, epoch: int) -> bool:
+        """Record a validation's value; True when it is a new best. NaN never is."""
+        improved = math.isfinite(value) and (
+            self.value is None or (value > self.value if self.mode == "max" else value < self.value))
+        if improved:
+            self.value, self.epoch, self.bad_epochs = value, epoch, 0
+        else:
+            self.bad_epochs += 1
+        return improved
+
+    @property
+    def patience_spent(self) -> bool:
+        return self.patience is not None and self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best": {"value": self.value, "epoch": self.epoch},
+                "early_stopping": {"bad_epochs": self.bad_epochs}}
+
+    def load_state_dict(self, state: dict):
+        self.value, self.epoch = state["best"]["value"], state["best"]["epoch"]
+        self.bad_epochs = state["early_stopping"]["bad_epochs"]

@@ -1,4 +1,5 @@
 """Seeding and device selection: done once, in BaseAgent, before anything is built."""
+import os
 import random
 
 import numpy as np
@@ -41,3 +42,15 @@ def select_device(device: str, cuda: bool = True, gpu_device: int = 0) -> torch.
     if chosen.type == "mps" and not _mps_available():
         raise ConfigError("device \"mps\" asked for, but MPS is not available on this machine")
     return chosen
+
+
+def set_determinism(deterministic: bool, device: torch.device):
+    """Deterministic algorithms when asked; otherwise cudnn.benchmark on GPU (fastest kernels for
+    fixed input shapes)."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True

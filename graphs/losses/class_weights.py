@@ -2,14 +2,10 @@
 w_c = 1 / ln(c + p_c), p_c the share of class c among the labelled pixels of the training masks
 (c = 1.02 bounds the weights to [1 / ln(2.02), 1 / ln(1.02)] = [1.42, 50.5]).
 
-Run alone to compute and save them for Pascal VOC 2012 (what "class_weights": "auto" does once):
-
-    python -m utils.class_weights --data-folder data/voc [--sbd] [--output weights.npy]
+For Pascal VOC 2012, `python -m datasets.voc_class_weights` computes and saves them alone (what
+"class_weights": "auto" does once).
 """
-import argparse
 import logging
-import os
-import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -17,6 +13,7 @@ import numpy as np
 import torch
 
 from utils.errors import ConfigError, UserError
+from utils.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +57,11 @@ def load_class_weights(path: str | Path, num_classes: int) -> np.ndarray:
 
 
 def save_class_weights(weights: np.ndarray, path: str | Path):
-    """numpy.save to a temporary file beside `path`, then rename: a reader never sees half a file."""
+    """numpy.save, atomically: a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as f:
         np.save(f, np.asarray(weights, dtype=np.float32))
-    os.replace(tmp, path)
 
 
 def cached_enet_weights(cache: Path, read_masks: Callable[[], Iterable], num_classes: int,
@@ -88,42 +83,3 @@ def cached_enet_weights(cache: Path, read_masks: Callable[[], Iterable], num_cla
             logger.warning(f"class weights: could not write {cache} ({e.strerror}); they are counted again "
                            "next run")
     return weights
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m utils.class_weights",
-        description="ENet class weights 1 / ln(1.02 + p_c) of the Pascal VOC 2012 training masks, saved with "
-                    "numpy.save.")
-    parser.add_argument("--data-folder", default="data/voc",
-                        help="the folder holding VOCdevkit/VOC2012 (and SBD)")
-    parser.add_argument("--sbd", action="store_true", help="count the train_aug set: VOC 2012 train + SBD")
-    parser.add_argument("--download", action="store_true", help="fetch VOC 2012 (and SBD) first if missing")
-    parser.add_argument("--output", help="the .npy to write (default: the one \"class_weights\": \"auto\" "
-                                         "reads, in the data folder)")
-    parser.add_argument("--workers", type=int, default=0, help="processes reading masks")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-
-    from datasets.voc import CLASSES, MaskFiles, training_files, weights_cache_path
-
-    try:
-        files = training_files(args.data_folder, args.sbd, args.download)
-        masks = torch.utils.data.DataLoader(MaskFiles([mask for _, _, mask in files]), batch_size=None,
-                                            num_workers=args.workers)
-        weights = enet_weights(count_pixels(masks, len(CLASSES)))
-        output = Path(args.output) if args.output else weights_cache_path(args.data_folder, args.sbd)
-        save_class_weights(weights, output)
-    except UserError as e:
-        # The data errors speak of the config key; here the switch is --download.
-        message = str(e).replace('set "data_mode": "download"', "pass --download")
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    width = max(len(name) for name in CLASSES)
-    print("\n".join(f"  {name:<{width}}  {weight:.4f}" for name, weight in zip(CLASSES, weights)))
-    print(f"{len(files):,} masks; weights saved to {output}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""`main.py new NAME` and `main.py list`. The generated files are run for real (a training step of
+"""`main.py new NAME` (commands/new.py). The generated files are run for real (a training step of
 every network choice); tests/test_tutorials.py also trains, resumes and tests one through main.py
 and runs its generated test."""
 import json
@@ -8,15 +8,16 @@ import sys
 
 import pytest
 
+from commands.new import names_for, new_project
 from tests.conftest import ROOT, run_main, snapshot
+from tests.test_list import imports_torch
 from utils.errors import UserError
-from utils.scaffold import names_for, new_project
 
 
 def project_copy(tmp_path):
     """The folders `new` writes into, and the registry, copied from this project."""
     project = tmp_path / "project"
-    for folder in ("agents", "graphs", "datasets", "configs", "tests", "utils"):
+    for folder in ("agents", "commands", "graphs", "datasets", "configs", "tests", "utils"):
         shutil.copytree(ROOT / folder, project / folder, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "main.py", project / "main.py")
     return project
@@ -87,25 +88,5 @@ def test_new_refuses_a_registered_name(tmp_path):
     assert snapshot(project) == before
 
 
-def test_list_shows_each_experiment(tmp_path):
-    experiments = tmp_path / "experiments"
-    (experiments / "a_run").mkdir(parents=True)
-    (experiments / "a_run" / "results.json").write_text(json.dumps({
-        "agent": "MnistAgent", "status": "completed", "epochs_done": 14, "wall_time_s": 3725.2,
-        "monitor": "val/accuracy", "best": {"value": 0.99125, "epoch": 12}}))
-    (experiments / "broken").mkdir()
-    (experiments / "broken" / "results.json").write_text("{not json")
-    (experiments / "starting").mkdir()
-    (experiments / "starting" / "config.json").write_text("{}")
-    (experiments / "not_an_experiment.txt").write_text("")
-
-    done = run_main(["list"], cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
-    assert lines[0].split() == ["experiment", "agent", "status", "epochs", "best", "wall", "time"]
-    assert lines[2].split() == ["a_run", "MnistAgent", "completed", "14", "val/accuracy", "0.9912", "(epoch",
-                                "12)", "1:02:05"]
-    assert "unreadable results.json" in lines[3] and "no results yet" in lines[4] and len(lines) == 5
-
-    empty = run_main(["list"], cwd=tmp_path / "experiments")
-    assert empty.returncode == 0 and "no experiments" in empty.stdout
+def test_new_starts_without_torch():
+    assert imports_torch(["new", "--help"]) is False

@@ -2,6 +2,9 @@
 import json
 from pathlib import Path
 
+from utils.config import EXPERIMENTS_ROOT
+
+HELP = "the experiments in experiments/ and how they went"
 COLUMNS = ("experiment", "agent", "status", "epochs", "best", "wall time")
 
 
@@ -48,3 +51,12 @@ def experiment_table(root: Path) -> str:
              for row in (COLUMNS, *rows)]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
+
+
+def add_arguments(parser):
+    pass
+
+
+def run(args) -> int:
+    print(experiment_table(EXPERIMENTS_ROOT))
+    return 0
