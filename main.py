@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 from agents import make_config
-from utils.config import (clear_experiment, create_experiment_dirs, experiment_paths, has_checkpoints,
-                          setup_logging, write_json_atomic)
+from utils.config import clear_experiment, create_experiment_dirs, experiment_paths, has_checkpoints, setup_logging
+from utils.files import write_json_atomic
 from utils.errors import CheckpointError, UserError
 
 logger = logging.getLogger("main")

@@ -55,8 +55,9 @@ class ${title}Agent(SupervisedAgent):
     def build(self):
         cfg = self.config
         self.data_loader = ${title}DataLoader(
-            cfg.image_size, cfg.num_classes, cfg.train_size, cfg.valid_size, cfg.batch_size,
-            cfg.test_batch_size, cfg.data_loader_workers, cfg.pin_memory, self.device)
+            image_size=cfg.image_size, num_classes=cfg.num_classes, train_size=cfg.train_size,
+            valid_size=cfg.valid_size, batch_size=cfg.batch_size, test_batch_size=cfg.test_batch_size,
+            workers=cfg.data_loader_workers, pin_memory=cfg.pin_memory, device=self.device)
         if cfg.network == "$module":
             network = initialize(${title}Net(cfg.image_size[0], cfg.num_classes), cfg.init)
         else:
@@ -108,7 +109,7 @@ from utils.data import make_data_loader
 
 
 class ${title}DataLoader:
-    def __init__(self, image_size, num_classes: int, train_size: int, valid_size: int, batch_size: int,
+    def __init__(self, *, image_size, num_classes: int, train_size: int, valid_size: int, batch_size: int,
                  test_batch_size: int, workers: int, pin_memory, device: torch.device):
         to_tensor = transforms.ToTensor()
         # random_offset: the validation images are other random images than the training ones

@@ -179,3 +179,40 @@ def test_fp16_scaler_is_saved_and_restored():
     state["scaler"]["scale"] = 1024.0            # as if it had backed off after overflows
     resumed = build(checkpoint=state, amp="fp16")
     assert resumed.scaler.get_scale() == 1024.0
+
+
+def test_checkpoint_saver_keeps_latest_best_and_the_last_n(tmp_path):
+    saver = ckpt.CheckpointSaver(tmp_path / "checkpoints", keep_last=2)
+    for epoch in range(1, 5):
+        saver.save({"models": {}, "epoch": epoch}, epoch, is_best=epoch == 2)
+    saver.save({"models": {}, "epoch": 5}, 5, is_best=False, keep_history=False)   # interrupted mid-epoch
+    names = sorted(p.name for p in saver.folder.iterdir())
+    assert names == ["checkpoint.pth.tar", "epoch_0003.pth.tar", "epoch_0004.pth.tar", "model_best.pth.tar"]
+    assert ckpt.load(saver.latest)["epoch"] == 5 and ckpt.load(saver.best)["epoch"] == 2
+
+
+def test_training_parts_round_trip_and_plain_configs(tmp_path):
+    from easydict import EasyDict
+
+    parts = ckpt.TrainingParts()
+    parts.models["net"] = torch.nn.Linear(2, 2)
+    parts.optimizers["opt"] = torch.optim.SGD(parts.models["net"].parameters(), lr=0.1, momentum=0.9)
+    parts.schedulers["sched"] = (torch.optim.lr_scheduler.StepLR(parts.optimizers["opt"], 1, 0.5), "epoch")
+    parts.models["net"](torch.ones(1, 2)).sum().backward()
+    parts.optimizers["opt"].step()
+    parts.schedulers["sched"][0].step()
+    config = EasyDict({"adam": {"eps": 1e-8}, "sizes": (1, 2)})
+    ckpt.save_atomic({**parts.state_dict(), "config": ckpt.plain(config)}, tmp_path / "c.pth.tar")
+    state = ckpt.load(tmp_path / "c.pth.tar")                  # weights_only: plain types only
+    assert state["config"] == {"adam": {"eps": 1e-8}, "sizes": [1, 2]}
+    fresh = ckpt.TrainingParts()
+    fresh.models["net"] = torch.nn.Linear(2, 2)
+    fresh.optimizers["opt"] = torch.optim.SGD(fresh.models["net"].parameters(), lr=0.1, momentum=0.9)
+    fresh.schedulers["sched"] = (torch.optim.lr_scheduler.StepLR(fresh.optimizers["opt"], 1, 0.5), "epoch")
+    fresh.load_models(state)
+    fresh.load_training(state)
+    assert torch.equal(fresh.models["net"].weight, parts.models["net"].weight)
+    assert fresh.optimizers["opt"].param_groups[0]["lr"] == 0.05
+    del state["optimizers"]["opt"]
+    with pytest.raises(CheckpointError, match="no state for optimizer 'opt'"):
+        fresh.load_training(state)

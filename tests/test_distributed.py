@@ -107,3 +107,19 @@ def test_data_loaders_get_a_distributed_sampler_reshuffled_every_epoch():
     set_epoch(SimpleNamespace(train_loader=sharded), 1)
     assert sampler.epoch == 1
     assert not torch.equal(first, torch.cat([batch for (batch,) in sharded]))
+
+
+def test_shard_loaders_gives_each_rank_its_share_of_every_loader():
+    from types import SimpleNamespace
+
+    from utils.data import TensorBatchLoader, make_data_loader
+    from utils.distributed import shard_loaders
+
+    dataset = torch.utils.data.TensorDataset(torch.arange(10.0))
+    shared = make_data_loader(dataset, 2, shuffle=False, workers=0, pin_memory="auto", device="cpu")
+    tensors = TensorBatchLoader(torch.arange(10.0), torch.arange(10), 2)
+    data = SimpleNamespace(train_loader=tensors, valid_loader=shared, test_loader=shared)
+    shard_loaders(data, seed=0, rank=1, world_size=2)
+    assert (tensors.rank, tensors.world_size) == (1, 2)
+    assert data.valid_loader is data.test_loader                 # one loader for two splits: replaced once
+    assert torch.cat([b for (b,) in data.valid_loader]).tolist() == [1.0, 3.0, 5.0, 7.0, 9.0]

@@ -35,3 +35,16 @@ def test_group_matches_whole_data_set_accuracy():
     for batch in (correct[:4], correct[4:]):             # batches of 4 and 3
         group.update({"accuracy": batch.float().mean()}, n=len(batch))
     assert math.isclose(group.averages("val/")["val/accuracy"], 4 / 7)
+
+
+def test_best_value_tracks_the_best_epoch_and_early_stopping():
+    from utils.metrics import BestValue
+
+    best = BestValue("max", patience=2)
+    assert [best.update(v, epoch) for epoch, v in enumerate([0.5, 0.7, float("nan"), 0.6], start=1)] \
+        == [True, True, False, False]
+    assert (best.value, best.epoch, best.bad_epochs, best.patience_spent) == (0.7, 2, 2, True)
+    restored = BestValue("max", patience=3)
+    restored.load_state_dict(best.state_dict())
+    assert (restored.value, restored.epoch, restored.bad_epochs, restored.patience_spent) == (0.7, 2, 2, False)
+    assert BestValue("min").update(1.0, 1) and not BestValue("min", None).patience_spent

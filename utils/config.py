@@ -5,7 +5,6 @@ import difflib
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import sys
@@ -272,16 +271,6 @@ def clear_experiment(paths):
 def create_experiment_dirs(paths):
     for folder in (paths.summaries, paths.checkpoints, paths.out, paths.logs):
         folder.mkdir(parents=True, exist_ok=True)
-
-
-def write_json_atomic(path: Path, data):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class TqdmHandler(logging.StreamHandler):
