@@ -5,6 +5,7 @@ Shipped agents are listed in AGENTS. A user's own agent needs no registration:
 """
 import difflib
 import importlib
+import inspect
 
 from utils.errors import ConfigError
 
@@ -20,10 +21,15 @@ AGENTS = {
 
 def _import(target: str, name: str):
     module_name, _, class_name = target.partition(":")
-    if not module_name or not class_name:
-        raise ConfigError(f"agent \"{name}\": write a custom agent as \"package.module:ClassName\"")
+    # Dotted identifiers only: ".evil" would be a relative import, "a/b" or "" no module at all.
+    if not all(part.isidentifier() for part in module_name.split(".")) or not class_name.isidentifier():
+        raise ConfigError(f"agent \"{name}\": write a custom agent as \"package.module:ClassName\" "
+                          "(an absolute module name, dotted, as you would import it)")
     try:
         module = importlib.import_module(module_name)
+    except SyntaxError as e:    # the user's own module (importing it runs it)
+        raise ConfigError(f"agent \"{name}\": module '{module_name}' does not compile: {e.msg} "
+                          f"({e.filename}, line {e.lineno})") from None
     except ModuleNotFoundError as e:
         if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
             raise ConfigError(f"agent \"{name}\": there is no module '{module_name}' "
@@ -51,6 +57,10 @@ def get_agent_class(name: str):
                           "(or your own as \"package.module:ClassName\")")
     if not (isinstance(cls, type) and issubclass(cls, BaseAgent)):
         raise ConfigError(f"agent \"{name}\" is not a subclass of agents.base.BaseAgent")
+    if inspect.isabstract(cls):
+        missing = ", ".join(sorted(cls.__abstractmethods__))
+        raise ConfigError(f"agent \"{name}\" is abstract: {cls.__name__} does not define {missing}; "
+                          "name a subclass that does, or write those methods")
     return cls
 
 

@@ -28,6 +28,7 @@ from utils.errors import ConfigError, UserError
 from utils.metrics import BestValue, MeterGroup
 from utils.runtime import seed_everything, select_device, set_determinism
 from utils.trackers import TensorBoardTracker, Trackers, hparams_of, write_results
+from utils.training import EMA, StepProfiler, Warmup, batch_count, check_trainer_keys, unshuffled_first_batches
 
 __all__ = ["BEST", "LATEST", "BaseAgent", "SupervisedAgent"]
 _NO_AUTOCAST = contextlib.nullcontext()  # reusable: entering it does nothing
@@ -61,12 +62,36 @@ class BaseAgent(abc.ABC):
         "distributed_timeout_s": Key(600, minimum=1),  # under torchrun: a collective waiting longer fails
         # tqdm bars: "auto" shows them on a terminal and leaves them out of redirected output.
         "progress_bar": Key("auto", types=(bool, str), choices=("auto", True, False)),
+        # What every trainer has; all off by default.
+        "grad_accumulation": Key(1, minimum=1),   # an optimizer step every k batches, the loss divided by k
+        "grad_clip": Key(None, types=(float, NoneType), minimum=0),   # max total gradient norm
+        "ema": Key(None, types=(dict, NoneType)),  # {"decay": 0.999, "every": 1}: validate/test the average
+        "warmup_iterations": Key(0, minimum=0),   # linear learning-rate warmup over that many steps
+        "stop_at": Key(None, types=(float, NoneType)),  # stop once the monitored value reaches it
+        # Debug runs: fast_dev_run true (or n) runs 1 (n) training and validation batches, keeps nothing.
+        "fast_dev_run": Key(False, types=(bool, int), minimum=1),
+        "limit_train_batches": Key(None, types=(int, float, NoneType), minimum=0),  # a count, or a fraction
+        "limit_val_batches": Key(None, types=(int, float, NoneType), minimum=0),
+        "overfit_batches": Key(0, minimum=0),     # train and validate on the first n training batches
+        "detect_anomaly": False,                  # torch.autograd anomaly mode: the op that made a NaN
+        "profile": Key(None, types=(int, NoneType), minimum=1),   # torch.profiler over that many steps
     }
     # Values `mode` may take: each names a method of the agent.
     modes = ("train", "test")
+    # Keys that --set may change when a run is resumed: how long it trains and how it logs, its
+    # data loader workers, the machine it runs on. Any other change would make the resumed run
+    # another run than the one that was started, and is refused.
+    resumable_keys = ("max_epoch", "early_stopping_patience", "log_interval", "progress_bar",
+                      "data_loader_workers", "checkpoint_file", "device", "cuda", "gpu_device",
+                      "distributed_timeout_s")
     # Names of the metrics validate() reports without the "val/" prefix; when declared, a
     # `monitor` that is not one of them is rejected before anything runs.
     metrics = ()
+    # Trainer keys an agent cannot honour, with the reason: set to anything but their default they
+    # are refused before the run starts, instead of being silently ignored.
+    unsupported_keys: dict = {}
+    # The model whose weights "ema" averages (the first declared one when None).
+    ema_model = None
 
     # ------------------------------------------------------------------ config declaration
 
@@ -94,6 +119,8 @@ class BaseAgent(abc.ABC):
             if config.monitor not in known:
                 raise ConfigError(f"monitor \"{config.monitor}\" is not a metric of {cls.__name__}; "
                                   f"use one of: {', '.join(known)}")
+        defaults = {key: (spec.default if isinstance(spec, Key) else spec) for key, spec in BaseAgent.DEFAULTS.items()}
+        check_trainer_keys(config, cls.__name__, cls.unsupported_keys, defaults)
 
     # ------------------------------------------------------------------ construction
 
@@ -114,14 +141,17 @@ class BaseAgent(abc.ABC):
             torch.cuda.set_device(self.device)
         distributed.init(self.device, config.distributed_timeout_s)
         set_determinism(config.deterministic, self.device)
-        # Only rank 0 writes: the other processes' trackers and checkpoints are no-ops.
-        self.trackers = Trackers([TensorBoardTracker(self.paths.summaries)] if self.is_main else [])
+        # Only rank 0 writes (the other processes have no tracker); a fast_dev_run keeps nothing.
+        self.keeps_files = self.is_main and not config.fast_dev_run
+        self.trackers = Trackers([TensorBoardTracker(self.paths.summaries)] if self.keeps_files else [])
         self.checkpoints = CheckpointSaver(self.paths.checkpoints, config.keep_last_checkpoints)
 
         self.parts = TrainingParts()  # models, optimizers, schedulers, scaler: what checkpoints hold
         self.scaler = torch.amp.GradScaler(self.device.type) if config.amp == "fp16" else None
         self.parts.scaler = self.scaler
         self._iteration_schedulers = []
+        self._ddp_models = []         # DistributedDataParallel wrappers, for no_sync while accumulating
+        self._setup_trainer_options(config)
         self.current_epoch = 0        # epochs completed
         self.current_iteration = 0    # optimizer steps taken
         self.best = BestValue(config.monitor_mode, config.early_stopping_patience)
@@ -131,22 +161,45 @@ class BaseAgent(abc.ABC):
         self._wall_time_before = 0.0  # seconds spent in earlier sessions of this run
         self._started = time.perf_counter()
         self._finalized = False
+        # Called after every validation as callback(agent, metrics); one that returns a status
+        # (a sweep's pruner: "pruned") ends training cleanly after the epoch with that status.
+        self.validation_callbacks = []
 
         self.build()
         self._check_built()
         if checkpoint is not None:
             self.load_checkpoint(checkpoint, training=config.mode == "train")
 
+    def _setup_trainer_options(self, config):
+        debug_batches = int(config.fast_dev_run) if config.fast_dev_run else None
+        self.max_epoch = 1 if debug_batches else config.max_epoch
+        self._train_limit = debug_batches or config.limit_train_batches
+        self._val_limit = debug_batches or config.limit_val_batches
+        self._overfit = None               # the cached first batches, with overfit_batches
+        self._accumulation = config.grad_accumulation
+        self._micro_batch = 0              # backward passes so far in the current accumulation group
+        self._batches_left = 1             # in the epoch, this one included (set by train_batches)
+        self._group_size = 1               # batches in the current group: k, fewer at the epoch's end
+        self._warmup = Warmup(config.warmup_iterations) if config.warmup_iterations else None
+        self._profiler = None
+        self.ema = None                    # set once the models are built
+
     def _check_built(self):
         if not self.parts.models:
             raise TypeError(f"{type(self).__name__}.build() declared no model: "
                             "use self.add_model(name, module)")
+        if self.config.ema is not None:
+            name = self.ema_model or next(iter(self.parts.models))
+            self.ema = EMA(self.parts.models[name], self.config.ema.get("decay", 0.999),
+                           self.config.ema.get("every", 1))
         data = getattr(self, "data_loader", None)
         if self.world_size > 1 and data is not None:
             distributed.shard_loaders(data, self.config.seed, self.rank, self.world_size)
             if self.config.get("batch_size"):
-                self.logger.info(f"batch_size {self.config.batch_size} per process x {self.world_size} "
-                                 f"processes: global batch {self.config.batch_size * self.world_size}")
+                k = self._accumulation
+                self.logger.info(f"batch_size {self.config.batch_size} per process x {self.world_size} processes"
+                                 + (f" x {k} accumulated batches" if k > 1 else "")
+                                 + f": global batch {self.config.batch_size * self.world_size * k}")
         for name, count in self.parameter_counts().items():
             self.logger.info(f"{name}: {count:,} parameters")
         self.logger.info(f"device: {self.device}" + (f" (x {self.world_size} processes)" if self.world_size > 1 else ""))
@@ -168,6 +221,7 @@ class BaseAgent(abc.ABC):
         model = raw_model
         if self.world_size > 1 and any(p.requires_grad for p in raw_model.parameters()):
             model = DistributedDataParallel(raw_model, device_ids=[self.device] if self.device.type == "cuda" else None)
+            self._ddp_models.append(model)
         if self.config.compile:
             model = torch.compile(model)
         return model
@@ -190,33 +244,102 @@ class BaseAgent(abc.ABC):
 
     # ------------------------------------------------------------------ helpers for agents
 
-    def optimizer_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, *,
-                       max_grad_norm: float | None = None, last: bool = True):
-        """The one gradient step of every agent: zero_grad, backward (scaled under fp16), the
-        gradient norm clipped to max_grad_norm (unscaled first), step. `last` ends the iteration:
-        the scaler's update, the iteration count, the per-iteration schedulers. An iteration with
-        several optimizers (a GAN's two) passes last=False to all but its final step."""
-        optimizer.zero_grad(set_to_none=True)
-        scaler = self.scaler
-        if scaler is None:
-            loss.backward()
-        else:
-            scaler.scale(loss).backward()
-        if max_grad_norm is not None:
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        if scaler is None:
-            optimizer.step()
-        else:
-            scaler.step(optimizer)
+    def optimizer_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, *, last: bool = True) -> bool:
+        """The one gradient step of every agent: zero_grad, backward (scaled under fp16), with
+        grad_accumulation k the loss / k and a step every k batches (and at the epoch's last batch),
+        the gradient norm clipped to grad_clip (unscaled first), the warmup factor, step. `last`
+        ends the iteration: scaler update, iteration count, per-iteration schedulers, EMA, profiler.
+        An iteration with several optimizers (a GAN's two) passes last=False to all but its final
+        step. Returns whether the optimizer stepped (False on a batch that only accumulates)."""
+        scaler, k = self.scaler, self._accumulation
+        if self._micro_batch == 0:
+            optimizer.zero_grad(set_to_none=True)
+            self._group_size = min(k, self._batches_left)
+        if self._group_size > 1:     # the mean over the group's batches, as one batch of them
+            loss = loss / self._group_size
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        if self._micro_batch + 1 < self._group_size:
+            self._micro_batch += 1
+            return False
+        self._micro_batch = 0
+        if self.config.grad_clip is not None:
+            self._clip_gradients(optimizer)
+        with self._warmup.scaled(optimizer, self.current_iteration) if self._warmup else _NO_AUTOCAST:
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)
         if last:
-            if scaler is not None:
-                scaler.update()
-            self.current_iteration += 1
-            for scheduler in self._iteration_schedulers:
-                scheduler.step()
+            self._end_iteration()
+        return True
+
+    def _clip_gradients(self, optimizer):
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        if (self.current_iteration + 1) % self.config.log_interval == 0:   # the step this one ends
+            names = [name for name, opt in self.parts.optimizers.items() if opt is optimizer]
+            tag = "train/grad_norm" if len(self.parts.optimizers) == 1 else f"train/grad_norm_{names[0]}"
+            self.log_scalars({tag: norm}, self.current_iteration + 1)
+
+    def _end_iteration(self):
+        if self.scaler is not None:
+            self.scaler.update()
+        self.current_iteration += 1
+        for scheduler in self._iteration_schedulers:
+            scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.current_iteration)
+        if self._warmup is not None and self.current_iteration <= self._warmup.steps \
+                and self.current_iteration % self.config.log_interval == 0:
+            self._log_warmup_rates()
+        if self._profiler is not None:
+            self._profiler.step()
+
+    def _log_warmup_rates(self):
+        factor = self._warmup.factor(self.current_iteration - 1)
+        optimizers = self.parts.optimizers
+        self.log_scalars({("train/warmup_lr" if len(optimizers) == 1 else f"train/warmup_lr_{name}"):
+                          opt.param_groups[0]["lr"] * factor for name, opt in optimizers.items()},
+                         self.current_iteration)
+
+    def no_sync_while_accumulating(self):
+        """Around forward and backward of a batch: under torchrun, a batch that will not step
+        skips DDP's gradient all-reduce (no_sync); the batch that steps all-reduces the sum."""
+        group_size = min(self._accumulation, self._batches_left) if self._micro_batch == 0 else self._group_size
+        if group_size == 1 or not self._ddp_models or self._micro_batch + 1 == group_size:
+            return _NO_AUTOCAST
+        stack = contextlib.ExitStack()
+        for model in self._ddp_models:
+            stack.enter_context(model.no_sync())
+        return stack
+
+    def evaluation_weights(self):
+        """Inside the block the model holds the weights to evaluate: the EMA's with "ema"."""
+        return self.ema.weights_in_model() if self.ema is not None else _NO_AUTOCAST
+
+    def train_batches(self, loader):
+        """The training batches of one epoch, as limit_train_batches / overfit_batches /
+        fast_dev_run allow; len() of what it returns is the count."""
+        if self.config.overfit_batches:
+            if self._overfit is None:
+                self._overfit = unshuffled_first_batches(loader, self.config.overfit_batches)
+            return _Batches(self._overfit, len(self._overfit), self)
+        return _Batches(loader, batch_count(self._train_limit, len(loader)), self)
+
+    def val_batches(self, loader):
+        """The validation batches, as limit_val_batches / fast_dev_run allow; with
+        overfit_batches the training batches the run overfits."""
+        if self.config.overfit_batches and self._overfit is not None:
+            return _Batches(self._overfit, len(self._overfit))
+        return _Batches(loader, batch_count(self._val_limit, len(loader)))
+
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one epoch: what per-iteration schedules are as long as."""
+        loader = self.data_loader.train_loader
+        batches = self.config.overfit_batches or batch_count(self._train_limit, len(loader))
+        return math.ceil(batches / self._accumulation)
 
     def log_scalars(self, values: dict, step: int):
         """{tag: number} to every tracker of the run, at `step` (an iteration, epoch, env step)."""
@@ -268,12 +391,14 @@ class BaseAgent(abc.ABC):
 
     def run(self):
         """Dispatch on config.mode; Ctrl+C saves a checkpoint that --resume continues from."""
-        if self.is_main:
+        if self.keeps_files:
             create_experiment_dirs(self.paths)
         self.status = "running"
         self._started = time.perf_counter()
+        anomaly = torch.autograd.detect_anomaly() if self.config.detect_anomaly else _NO_AUTOCAST
         try:
-            getattr(self, self.config.mode)()
+            with anomaly:
+                getattr(self, self.config.mode)()
         except KeyboardInterrupt:
             self.status = "interrupted"
             if self.config.mode == "train":
@@ -292,19 +417,31 @@ class BaseAgent(abc.ABC):
     def train(self):
         if self._nothing_left_to_train():
             return
-        epochs = self.progress(range(self.current_epoch, self.config.max_epoch), desc="epochs",
-                               initial=self.current_epoch, total=self.config.max_epoch)
-        for _ in epochs:
-            if self._train_epoch():
-                break
+        if self.config.profile:
+            self._profiler = StepProfiler(self.config.profile, self.paths.out)
+        try:
+            epochs = self.progress(range(self.current_epoch, self.max_epoch), desc="epochs",
+                                   initial=self.current_epoch, total=self.max_epoch)
+            for _ in epochs:
+                if self._train_epoch():
+                    break
+        finally:
+            if self._profiler is not None:
+                self._profiler.finish()
+        if self.config.fast_dev_run:
+            self.logger.info(f"fast_dev_run: {self._train_limit} training and {self._val_limit} validation "
+                             "batch(es) ran without error; no checkpoint, results or summaries were kept")
 
     def _nothing_left_to_train(self) -> bool:
-        if self.current_epoch >= self.config.max_epoch:
+        if self.current_epoch >= self.max_epoch:
             self.logger.info(f"already trained {self.current_epoch} epochs (max_epoch is "
-                             f"{self.config.max_epoch}); raise max_epoch to train on")
+                             f"{self.max_epoch}); raise max_epoch to train on")
         elif self.best.patience_spent:
             self.logger.info("this run already stopped early; raise early_stopping_patience to train on")
             self.status = "early_stopped"
+        elif self._target_reached(self.best.value):
+            self.logger.info(f"this run already reached stop_at ({self.config.stop_at}); raise it to train on")
+            self.status = "reached_target"
         elif self.training_done():
             self.logger.info("this run already spent its training budget; raise it to train on")
         else:
@@ -313,7 +450,7 @@ class BaseAgent(abc.ABC):
 
     def _train_epoch(self) -> bool:
         """One epoch: train, validate when due, step the epoch schedulers, checkpoint, record.
-        True when training should stop (early stopping, the agent's budget spent)."""
+        True when training should stop (early stopping, stop_at, the agent's budget spent)."""
         cfg, started = self.config, time.perf_counter()
         if getattr(self, "data_loader", None) is not None:
             distributed.set_epoch(self.data_loader, self.current_epoch)
@@ -322,23 +459,44 @@ class BaseAgent(abc.ABC):
         self.current_epoch += 1
         self.log_scalars(metrics, self.current_epoch)
         is_best = False
-        if self.current_epoch % cfg.validate_every == 0 or self.current_epoch == cfg.max_epoch:
-            self.last_metrics = self.validate()
+        if self.current_epoch % cfg.validate_every == 0 or self.current_epoch == self.max_epoch:
+            with self.evaluation_weights():
+                self.last_metrics = self.validate()
             self.log_scalars(self.last_metrics, self.current_epoch)
             metrics.update(self.last_metrics)
             if cfg.monitor is not None:
                 is_best = self._update_best(self.last_metrics)
+            for callback in self.validation_callbacks:
+                self.status = callback(self, self.last_metrics) or self.status
         self._step_schedulers("epoch", metrics)
         self._log_epoch(metrics, is_best, time.perf_counter() - started)
         self.save_checkpoint(is_best)
         self.write_results()
         self.trackers.flush()
+        return self._should_stop()
+
+    def _should_stop(self) -> bool:
+        cfg = self.config
+        if self.status != "running":          # a validation callback stopped the run (e.g. pruned)
+            self.logger.info(f"stopped after epoch {self.current_epoch}: {self.status}")
+            return True
         if self.best.patience_spent:
             self.logger.info(f"early stopping: {cfg.monitor} has not improved for {self.best.bad_epochs} "
                              f"validations (best {self.best.value} at epoch {self.best.epoch})")
             self.status = "early_stopped"
             return True
+        if self._target_reached(self.last_metrics.get(cfg.monitor)):
+            self.logger.info(f"stop_at: {cfg.monitor} reached {self.last_metrics[cfg.monitor]:.4g} "
+                             f"(target {cfg.stop_at}) at epoch {self.current_epoch}")
+            self.status = "reached_target"
+            return True
         return self.training_done()
+
+    def _target_reached(self, value) -> bool:
+        target = self.config.stop_at
+        if target is None or value is None or not math.isfinite(value):
+            return False
+        return value >= target if self.config.monitor_mode == "max" else value <= target
 
     def training_done(self) -> bool:
         """True once the agent's own training budget is spent (an RL agent's environment steps):
@@ -382,7 +540,7 @@ class BaseAgent(abc.ABC):
     def _log_epoch(self, metrics: dict, is_best: bool, seconds: float):
         shown = "  ".join(f"{name} {value}" if isinstance(value, int) else f"{name} {value:.4f}"
                           for name, value in metrics.items())
-        self.logger.info(f"epoch {self.current_epoch}/{self.config.max_epoch}  {shown}"
+        self.logger.info(f"epoch {self.current_epoch}/{self.max_epoch}  {shown}"
                          f"{'  (best)' if is_best else ''}  [{seconds:.1f}s]")
 
     # ------------------------------------------------------------------ checkpoints and results
@@ -395,8 +553,10 @@ class BaseAgent(abc.ABC):
             "config": ckpt.plain(self.config),
             "epoch": self.current_epoch,
             "iteration": self.current_iteration,
+            "world_size": self.world_size,   # batch_size is per process: resuming checks the global batch
             **self.parts.state_dict(),
             **self.best.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "last_metrics": dict(self.last_metrics),
             "wall_time_s": self.wall_time(),
             "rng": ckpt.rng_states(),
@@ -404,7 +564,7 @@ class BaseAgent(abc.ABC):
         }
 
     def save_checkpoint(self, is_best: bool):
-        if self.is_main:
+        if self.keeps_files:
             self.checkpoints.save(self.state_dict(), self.current_epoch, is_best,
                                   keep_history=self.status != "interrupted")
 
@@ -414,8 +574,12 @@ class BaseAgent(abc.ABC):
         self.parts.load_models(state)
         self.current_epoch = state["epoch"]
         if not training:
+            if state.get("ema") is not None:     # evaluation and prediction use the averaged weights
+                self._load_ema_weights(state["ema"])
             return
         self.parts.load_training(state)
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
         self.current_iteration = state["iteration"]
         self.best.load_state_dict(state)
         self.last_metrics = dict(state.get("last_metrics", {}))
@@ -423,6 +587,11 @@ class BaseAgent(abc.ABC):
         self.load_extra_state(state.get("extra", {}))
         ckpt.set_rng_states(state["rng"])  # last: nothing after this may draw random numbers
         self.logger.info(f"resumed from epoch {self.current_epoch}, iteration {self.current_iteration}")
+
+    def _load_ema_weights(self, ema_state: dict):
+        name = self.ema_model or next(iter(self.parts.models))
+        weights = {key[len("module."):]: value for key, value in ema_state.items() if key.startswith("module.")}
+        self.parts.models[name].load_state_dict(weights)
 
     def wall_time(self) -> float:
         return self._wall_time_before + (time.perf_counter() - self._started)
@@ -443,7 +612,7 @@ class BaseAgent(abc.ABC):
         }
 
     def write_results(self):
-        if self.is_main:
+        if self.keeps_files:
             write_results(self.paths.root / "results.json", self.results(), self.config.mode, self.mode_results)
 
     def finalize(self):
@@ -515,19 +684,21 @@ class SupervisedAgent(BaseAgent):
         pending_losses, pending_sizes, loss_sum, sample_count = [], [], 0.0, 0
         loader = self.data_loader.train_loader
         move = self._needs_moving(loader)
-        bar = self.progress(loader, desc=f"epoch {self.current_epoch + 1}", leave=False, total=len(loader))
+        batches = self.train_batches(loader)
+        bar = self.progress(batches, desc=f"epoch {self.current_epoch + 1}", leave=False, total=len(batches))
         for batch in bar:
             if move:
                 batch = self.to_device(batch)
-            if self.current_iteration == 0:
+            if self.current_iteration == 0 and self._micro_batch == 0:
                 self.log_samples(batch)
-            with self.autocast():
-                out = self.train_step(batch)
-            loss = out["loss"] if isinstance(out, dict) else out
-            self.optimizer_step(loss, self.optimizer)
+            with self.no_sync_while_accumulating():
+                with self.autocast():
+                    out = self.train_step(batch)
+                loss = out["loss"] if isinstance(out, dict) else out
+                stepped = self.optimizer_step(loss, self.optimizer)
             pending_losses.append(loss.detach())
             pending_sizes.append(self.batch_size_of(batch))
-            if self.current_iteration % log_interval == 0:
+            if stepped and self.current_iteration % log_interval == 0:
                 loss_sum, sample_count = self._sum_losses(pending_losses, pending_sizes, loss_sum, sample_count)
                 self._log_train_values(out if isinstance(out, dict) else {"loss": loss}, bar)
         loss_sum, sample_count = self._sum_losses(pending_losses, pending_sizes, loss_sum, sample_count)
@@ -571,7 +742,8 @@ class SupervisedAgent(BaseAgent):
         self.train_mode(False)
         meters = MeterGroup()
         move = self._needs_moving(loader)
-        for batch in self.progress(loader, desc=prefix, leave=False, total=len(loader)):
+        batches = self.val_batches(loader)
+        for batch in self.progress(batches, desc=prefix, leave=False, total=len(batches)):
             if move:
                 batch = self.to_device(batch)
             with self.autocast():
@@ -589,3 +761,23 @@ class SupervisedAgent(BaseAgent):
         width = max(len(tag) for tag in self.mode_results)
         lines = [f"  {tag:<{width}}  {value:.4f}" for tag, value in self.mode_results.items()]
         self.logger.info(f"test of the model from epoch {self.current_epoch}:\n" + "\n".join(lines))
+
+
+class _Batches:
+    """A loader's batches cut to `count` (len() is the count). Given an agent, it tells it how
+    many batches the epoch has left: gradient accumulation's last group may be short."""
+
+    def __init__(self, batches, count: int, agent: BaseAgent | None = None):
+        self.batches, self.count, self.agent = batches, count, agent
+
+    def __len__(self):
+        return self.count
+
+    def __iter__(self):
+        agent, count = self.agent, self.count
+        for index, batch in enumerate(self.batches):
+            if index == count:
+                break
+            if agent is not None:
+                agent._batches_left = count - index
+            yield batch

@@ -83,7 +83,7 @@ class CondenseNetAgent(SupervisedAgent):
     @property
     def total_iterations(self) -> int:
         # Read when used, not in build(): under torchrun each process steps through its share.
-        return self.config.max_epoch * len(self.data_loader.train_loader)
+        return self.max_epoch * self.steps_per_epoch()
 
     def train_step(self, batch):
         # Pruning follows the iteration count, which the checkpoint holds: a resumed run condenses

@@ -39,6 +39,9 @@ class DCGANAgent(BaseAgent):
         "monitor": None,              # a GAN's losses do not say which epoch is best
     }
     modes = ("train", "generate")
+    ema_model = "netG"      # with "ema": samples and mode=generate come from the averaged generator
+    unsupported_keys = {"grad_accumulation": "its generator's backward pass also fills the discriminator's "
+                                             "gradients, which accumulating would add to the next step"}
 
     @classmethod
     def checkpoint_for_mode(cls, config):
@@ -81,10 +84,10 @@ class DCGANAgent(BaseAgent):
     def train_one_epoch(self):
         cfg = self.config
         self.train_mode(True)
-        loader = self.data_loader.train_loader
+        batches = self.train_batches(self.data_loader.train_loader)
         totals = torch.zeros(2, device=self.device)   # summed loss_d, loss_g of the epoch
-        for real, _ in self.progress(loader, desc=f"epoch {self.current_epoch + 1}", leave=False,
-                                     total=len(loader)):
+        for real, _ in self.progress(batches, desc=f"epoch {self.current_epoch + 1}", leave=False,
+                                     total=len(batches)):
             real = self.to_device(real)
             batch = real.shape[0]
             real_target = torch.full((batch,), 1.0 - cfg.label_smoothing, device=self.device)
@@ -112,8 +115,9 @@ class DCGANAgent(BaseAgent):
                                       "train/d_x": float(real_logits.sigmoid().mean()),     # D on real images
                                       "train/d_g_z": float(fake_logits.sigmoid().mean())},  # D on generated ones
                                      self.current_iteration)
-        self.write_samples(f"epoch_{self.current_epoch + 1:03d}.png", self.current_epoch + 1)
-        loss_d_mean, loss_g_mean = (totals / max(len(loader), 1)).tolist()
+        with self.evaluation_weights():       # the EMA generator's samples, with "ema"
+            self.write_samples(f"epoch_{self.current_epoch + 1:03d}.png", self.current_epoch + 1)
+        loss_d_mean, loss_g_mean = (totals / max(len(batches), 1)).tolist()
         return {"train/epoch_loss_d": loss_d_mean, "train/epoch_loss_g": loss_g_mean}
 
     def validate(self):
@@ -127,7 +131,7 @@ class DCGANAgent(BaseAgent):
         self.train_mode(True)
         grid = make_grid(images, nrow=8, normalize=True, value_range=(-1, 1))
         self.log_images("samples", grid, step)
-        if self.is_main:
+        if self.keeps_files:
             save_image(grid, self.paths.out / file_name)
 
     @torch.no_grad()

@@ -10,7 +10,6 @@ difference of two cropped screens (a conv net), as in the PyTorch DQN tutorial.
 import importlib
 import math
 import os
-from types import NoneType
 
 import gymnasium as gym
 import numpy as np
@@ -117,7 +116,7 @@ class DQNAgent(BaseAgent):
         # each update: target <- tau * policy + (1 - tau) * target; 1.0: a copy; above 0 (check_config)
         "tau": Key(0.005, minimum=0, maximum=1),
         "double_dqn": True,             # the policy net picks the next action, the target net values it
-        "grad_clip": Key(10.0, types=(float, NoneType), minimum=0),   # max gradient norm; null: no clipping
+        "grad_clip": 10.0,              # max gradient norm (BaseAgent's key); null: no clipping
         "eval_every": Key(10, minimum=1),      # training episodes per epoch; each ends in a greedy evaluation
         "eval_episodes": Key(10, minimum=1),   # greedy episodes of each evaluation
         "test_episodes": Key(100, minimum=1),  # mode=test
@@ -126,6 +125,10 @@ class DQNAgent(BaseAgent):
         "monitor_mode": "max",
     }
     metrics = ("mean_return", "std_return")
+    resumable_keys = BaseAgent.resumable_keys + ("max_steps",)   # the training budget, like max_epoch
+    unsupported_keys = dict.fromkeys(
+        ("grad_accumulation", "fast_dev_run", "limit_train_batches", "limit_val_batches", "overfit_batches"),
+        "DQN learns from environment steps, not from the batches of a data set (lower max_steps for a short run)")
 
     @classmethod
     def check_config(cls, config):
@@ -270,7 +273,7 @@ class DQNAgent(BaseAgent):
                 next_q = next_target.max(1).values
             targets = rewards + cfg.gamma * (1.0 - terminated) * next_q
         loss = F.smooth_l1_loss(q_values, targets)                             # Huber
-        self.optimizer_step(loss, self.optimizer, max_grad_norm=cfg.grad_clip)
+        self.optimizer_step(loss, self.optimizer)
         if self.current_iteration % cfg.target_update == 0:
             update_target(self.target_net, self.policy_net, cfg.tau)
         if self.current_iteration % cfg.log_interval == 0:

@@ -2,9 +2,7 @@
 with polynomial decay, cross entropy weighted per class (ENet's 1 / ln(1.02 + p)) ignoring the
 border label 255, mIoU from one confusion matrix over the whole validation set."""
 import math
-import pickle
 import urllib.parse
-import zipfile
 from pathlib import Path
 from types import NoneType
 
@@ -18,6 +16,7 @@ from datasets.voc import (CLASSES, DATA_MODES, IGNORE_INDEX, MaskFiles, VOCDataL
                           save_mask, training_files, weights_cache_path)
 from graphs.losses.class_weights import cached_enet_weights, load_class_weights
 from graphs.models.erfnet import ERFNet
+from utils import checkpoint as ckpt
 from utils.config import Key
 from utils.data import DATA_LOADER_KEYS
 from utils.distributed import all_reduce_sum
@@ -53,6 +52,8 @@ class ERFNetAgent(SupervisedAgent):
         "monitor_mode": "max",
     }
     metrics = ("loss", "pixel_accuracy", "mean_class_accuracy", "mIoU")
+    unsupported_keys = {"overfit_batches": "its validation batches are whole images at their own size, "
+                                           "not training crops (try limit_train_batches and limit_val_batches)"}
 
     @classmethod
     def check_config(cls, config):
@@ -111,7 +112,7 @@ class ERFNetAgent(SupervisedAgent):
         """The learning rate's share at `step` (an iteration or an epoch, as lr_step says). The step
         count is read when called: under torchrun each process has its share of the iterations."""
         cfg = self.config
-        steps = cfg.max_epoch * (len(self.data_loader.train_loader) if cfg.lr_step == "iteration" else 1)
+        steps = self.max_epoch * (self.steps_per_epoch() if cfg.lr_step == "iteration" else 1)
         return (1 - min(step, steps) / steps) ** cfg.lr_power
 
     def class_weights(self) -> np.ndarray | None:
@@ -150,12 +151,8 @@ class ERFNetAgent(SupervisedAgent):
     def load_pretrained_encoder(self, path: str):
         """Encoder weights from the authors' ImageNet checkpoint, or from any file holding an ERFNet
         (this framework's checkpoints, a state_dict); the decoder keeps its random start."""
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise CheckpointError(f"pretrained encoder '{path}' is unreadable ({reason}); download it again "
-                                  f"({ENCODER_URL}) or set \"pretrained_encoder\": null") from None
+        state = ckpt.torch_load(path, "pretrained encoder", f"download it again ({ENCODER_URL}) or set "
+                                "\"pretrained_encoder\": null")
         if isinstance(state, dict) and "state_dict" in state:          # the authors' files
             state = state["state_dict"]
         elif isinstance(state, dict) and isinstance(state.get("models"), dict):   # this framework's checkpoints
@@ -208,7 +205,8 @@ class ERFNetAgent(SupervisedAgent):
         confusion = ConfusionMatrix(len(CLASSES), self.device)
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)     # weighted loss, weight
         seen, size = 0, len(loader.dataset)
-        for batch in self.progress(loader, desc=prefix, leave=False, total=len(loader)):
+        batches = self.val_batches(loader)
+        for batch in self.progress(batches, desc=prefix, leave=False, total=len(batches)):
             batch["mask"] = self.to_device(batch["mask"])
             with self.autocast():
                 out = self.validate_step(batch)

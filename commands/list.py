@@ -1,15 +1,21 @@
-"""`python main.py list`: one line per experiment, read from its results.json."""
+"""`python main.py list [PATTERN ...] [--sort KEY]`: one line per experiment, read from its
+results.json; only those whose name (or sweep) matches a PATTERN (shell-style: 'mnist*'); the
+test metric when a run has one; a sweep's runs grouped under their sweep."""
+import fnmatch
 import json
+import math
+import re
 from pathlib import Path
 
 from utils.config import EXPERIMENTS_ROOT
+from utils.lock import is_held
 
 HELP = "the experiments in experiments/ and how they went"
 COLUMNS = ("experiment", "agent", "status", "epochs", "best", "wall time")
 
 
 def _duration(seconds) -> str:
-    if not isinstance(seconds, (int, float)):
+    if not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
         return "-"
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
@@ -19,9 +25,19 @@ def _duration(seconds) -> str:
 def _best(results: dict) -> str:
     best = results.get("best") or {}
     monitor = results.get("monitor")
+    if not isinstance(best, dict) or isinstance(best.get("value"), (bool, str, list, dict)):
+        raise ValueError(f"'best' is {json.dumps(best)[:40]}")  # edited by hand, or by another program
     if monitor is None or best.get("value") is None:
         return "-"
     return f"{monitor} {best['value']:.4g} (epoch {best.get('epoch')})"
+
+
+def _status(status, folder: Path) -> str:
+    """A run recorded as running that no live process holds was killed (SIGKILL, a lost node):
+    it never wrote its final status. --resume continues it from its last checkpoint."""
+    if status == "running" and not is_held(folder):
+        return "killed"
+    return status
 
 
 def experiment_rows(root: Path) -> list[tuple]:
@@ -29,7 +45,10 @@ def experiment_rows(root: Path) -> list[tuple]:
     for folder in sorted(p for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else []:
         path = folder / "results.json"
         try:
-            results = json.loads(path.read_text())
+            results = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(results, dict):
+                raise ValueError("not a JSON object")
+            best = _best(results)
         except FileNotFoundError:
             if (folder / "config.json").is_file():  # started, but no epoch finished yet
                 rows.append((folder.name, "-", "no results yet", "-", "-", "-"))
@@ -37,26 +56,111 @@ def experiment_rows(root: Path) -> list[tuple]:
         except (OSError, ValueError):
             rows.append((folder.name, "-", "unreadable results.json", "-", "-", "-"))
             continue
-        rows.append((folder.name, results.get("agent", "-"), results.get("status", "-"),
-                     str(results.get("epochs_done", "-")), _best(results), _duration(results.get("wall_time_s"))))
+        rows.append((folder.name, results.get("agent", "-"), _status(results.get("status", "-"), folder),
+                     str(results.get("epochs_done", "-")), best, _duration(results.get("wall_time_s"))))
     return rows
 
 
-def experiment_table(root: Path) -> str:
+SORTS = ("name", "status", "epochs", "best", "test", "wall_time", "date")
+
+
+def _results(folder: Path) -> dict:
+    try:
+        results = json.loads((folder / "results.json").read_text(encoding="utf-8"))
+        return results if isinstance(results, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _number(value):
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+
+
+def _test_metric(results: dict) -> tuple[str, float | None]:
+    """(tag, value) of the test metric to show: the monitored one's test twin, else the first."""
+    test = results.get("test")
+    if not isinstance(test, dict) or not test:
+        return "", None
+    monitor = results.get("monitor") or ""
+    tag = "test/" + monitor.split("/", 1)[-1]
+    tag = tag if tag in test else next(iter(test))
+    return tag, _number(test.get(tag))
+
+
+def _sort_key(sort: str, row: tuple, folder: Path):
+    results = _results(folder)
+    sign = -1 if results.get("monitor_mode") == "max" else 1
+    if sort in ("best", "test"):
+        value = _number((results.get("best") or {}).get("value")) if sort == "best" else _test_metric(results)[1]
+        return (value is None, sign * value if value is not None else 0)
+    if sort == "epochs":
+        return -(_number(results.get("epochs_done")) or 0)
+    if sort == "wall_time":
+        return -(_number(results.get("wall_time_s")) or 0)
+    if sort == "date":
+        stamps = [p.stat().st_mtime for p in (folder / "results.json", folder / "config.json") if p.is_file()]
+        return -max(stamps, default=0)
+    return row[2] if sort == "status" else row[0]
+
+
+def _sweeps(root: Path) -> dict:
+    """{sweep_name: its sweep.json} for the sweep folders under root (commands/sweep.py)."""
+    found = {}
+    for record in sorted(Path(root).glob("*.sweep/sweep.json")):
+        try:
+            data = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            data = {}
+        found[record.parent.name[:-len(".sweep")]] = data if isinstance(data, dict) else {}
+    return found
+
+
+def _sweep_of(name: str, sweeps: dict) -> str | None:
+    match = re.fullmatch(r"(.+)\.t\d+\.s\d+", name)
+    return match.group(1) if match and match.group(1) in sweeps else None
+
+
+def experiment_table(root: Path, patterns=(), sort: str = "name") -> str:
     rows = experiment_rows(root)
     if not rows:
         return f"no experiments in '{root}' yet: train one with ./run.sh CONFIG"
-    widths = [max(len(str(row[i])) for row in (COLUMNS, *rows)) for i in range(len(COLUMNS))]
-    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
-             for row in (COLUMNS, *rows)]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
+    sweeps = _sweeps(root)
+    if patterns:
+        rows = [row for row in rows if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns
+                                           for name in (row[0], _sweep_of(row[0], sweeps) or row[0]))]
+        if not rows:
+            return f"no experiments in '{root}' match {' '.join(repr(p) for p in patterns)}"
+    rows.sort(key=lambda row: _sort_key(sort, row, Path(root) / row[0]))
+    columns = COLUMNS
+    tests = {row[0]: _test_metric(_results(Path(root) / row[0])) for row in rows}
+    if any(tag for tag, _ in tests.values()):      # a test column only when some run was tested
+        columns = (*COLUMNS[:5], "test", *COLUMNS[5:])
+        rows = [(*row[:5], f"{tests[row[0]][0]} {tests[row[0]][1]:.4g}" if tests[row[0]][1] is not None else "-",
+                 *row[5:]) for row in rows]
+    groups = {None: []}
+    for row in rows:
+        groups.setdefault(_sweep_of(row[0], sweeps), []).append(row)
+    widths = [max(len(str(row[i])) for row in (columns, *rows)) for i in range(len(columns))]
+
+    def line(row):
+        return "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
+    lines = [line(columns), "  ".join("-" * width for width in widths), *map(line, groups.pop(None))]
+    for name, members in groups.items():
+        record = sweeps[name]
+        lines += ["" if len(lines) > 2 else None, f"sweep {name} ({len(members)} runs, {record.get('trials', '?')} trials x "
+                      f"{len(record.get('seeds') or [])} seeds; its table: ./run.sh sweep "
+                      f"{record.get('sweep_file', '?')} --status)", *map(line, members)]
+    return "\n".join(text for text in lines if text is not None)
 
 
 def add_arguments(parser):
-    pass
+    parser.add_argument("patterns", nargs="*", metavar="PATTERN",
+                        help="only the experiments (or sweeps) whose name matches, shell-style: 'mnist*'")
+    parser.add_argument("--sort", choices=SORTS, default="name",
+                        help="order of the rows: best and test put the best value first, epochs, "
+                             "wall_time and date the largest / newest")
 
 
 def run(args) -> int:
-    print(experiment_table(EXPERIMENTS_ROOT))
+    print(experiment_table(EXPERIMENTS_ROOT, args.patterns, args.sort))
     return 0

@@ -1,5 +1,7 @@
 """CIFAR-10 held as one uint8 tensor per split on the device, batched by index, with the standard
 augmentation (4-pixel padded random crop, horizontal flip) done on whole batches there."""
+import builtins
+import codecs
 import pickle
 from functools import lru_cache
 from pathlib import Path
@@ -43,15 +45,55 @@ def download_split(data_folder: str, train: bool) -> tuple[torch.Tensor, torch.T
     return images, torch.tensor(dataset.targets, dtype=torch.int64)
 
 
+def _numpy_array_builders() -> dict:
+    """What pickles of numpy arrays ask for, whatever numpy wrote them (numpy.core in 1.x,
+    numpy._core in 2.x): the functions numpy's own ndarray.__reduce_ex__ names, taken from numpy
+    itself so that no module is imported by a name read from the file."""
+    reconstruct = np.zeros(1).__reduce__()[0]            # protocols 0-4: _reconstruct + setstate
+    frombuffer = np.zeros(1).__reduce_ex__(5)[0]         # protocol 5: _frombuffer(buffer, dtype, ...)
+    builders = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for package in ("numpy.core", "numpy._core"):
+        builders[(f"{package}.multiarray", "_reconstruct")] = reconstruct
+        builders[(f"{package}.numeric", "_frombuffer")] = frombuffer
+    return builders
+
+
+class BatchUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR-10 batch holds: dicts, lists, strings, numbers and numpy arrays.
+    A pickle names the callables it runs while loading; a crafted data_batch_1 asking for
+    os.system or builtins.exec is refused before anything of it runs."""
+
+    ALLOWED = {**{("builtins", name): getattr(builtins, name)
+                  for name in ("dict", "list", "str", "bytes", "int", "float")},
+               ("_codecs", "encode"): codecs.encode,   # bytes as Python 3 writes them at protocol <= 2
+               **_numpy_array_builders()}
+
+    def __init__(self, file, path: Path):
+        super().__init__(file, encoding="latin1")   # the official batches are Python 2 pickles
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self.ALLOWED[(module, name)]
+        except KeyError:
+            raise DataError(f"'{self.path}' is not a CIFAR-10 python batch (it asks to load "
+                            f"{module}.{name}, which a batch of images never does); replace it with "
+                            f"the file from {ARCHIVE_URL}") from None
+
+
 def _read_batch(path: Path) -> tuple[np.ndarray, list]:
     """One pickled batch: {"data": (N, 3072) uint8, "labels": N ints}. The official files are
     Python 2 pickles (str keys under latin1); ones written by Python 3 may have bytes keys."""
     try:
         with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
+            entry = BatchUnpickler(f, path).load()
         entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
         data, labels = np.asarray(entry["data"], dtype=np.uint8), list(entry["labels"])
-    except (pickle.UnpicklingError, EOFError, AttributeError, KeyError, TypeError, ValueError) as e:
+    except DataError:
+        raise
+    except OSError as e:
+        raise DataError(f"cannot read '{path}': {e.strerror or e}") from None
+    except Exception as e:  # a damaged pickle fails in whichever opcode it breaks
         raise DataError(f"'{path}' is not a CIFAR-10 python batch ({type(e).__name__}: {e}); "
                         f"expected a pickled dict with 'data' (N, 3072) uint8 and 'labels'") from None
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
@@ -89,9 +131,13 @@ def read_numpy_split(data_folder: str, train: bool) -> tuple[torch.Tensor, torch
     split = "train" if train else "test"
     x_path, y_path = folder / f"x_{split}.npy", folder / f"y_{split}.npy"
     try:
-        images, labels = np.load(x_path), np.load(y_path)
-    except (ValueError, EOFError) as e:
+        # allow_pickle=False: an .npy of objects would unpickle (run) whatever it names
+        images, labels = np.load(x_path, allow_pickle=False), np.load(y_path, allow_pickle=False)
+    except (ValueError, EOFError, OSError) as e:
         raise DataError(f"could not read '{x_path}' or '{y_path}' ({e}); save plain arrays with numpy.save") from None
+    for path, array in ((x_path, images), (y_path, labels)):
+        if not isinstance(array, np.ndarray):   # an .npz archive loads as a dict of arrays
+            raise DataError(f"'{path}' is an .npz archive, not one array; save it with numpy.save")
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] not in ((32, 32, 3), (3, 32, 32)):
         raise DataError(f"'{x_path}' holds {images.dtype} images of shape {images.shape}; expected "
                         f"uint8 (N, 32, 32, 3) or (N, 3, 32, 32)")

@@ -8,11 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torchvision import transforms
 
 from datasets.mnist import load_split
-from utils.data import TensorBatchLoader, make_data_loader
+from utils.data import TensorBatchLoader, make_data_loader, open_image
 from utils.errors import ConfigError, DataError
 from utils.files import quiet_output
 
@@ -75,7 +74,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path = self.folder / str(self.files[index])
         try:
-            with Image.open(path) as image:
+            with open_image(path) as image:
                 image = image.convert(self.mode)   # decodes the whole file: a truncated one fails here
         except OSError as e:                      # UnidentifiedImageError is an OSError too
             raise DataError(f"could not read image '{path}' ({e}); delete or replace that file") from None

@@ -15,7 +15,7 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from utils.data import make_data_loader
+from utils.data import make_data_loader, open_image
 from utils.errors import ConfigError, DataError
 from utils.files import quiet_output
 
@@ -81,7 +81,7 @@ def read_mask(path: str | Path) -> np.ndarray:
             except Exception as e:  # scipy's MatReadError and a .mat without GTcls: one fix
                 raise ValueError(f"not an SBD class mask: {e}") from None
         else:
-            with Image.open(path) as image:
+            with open_image(path) as image:
                 if image.mode not in ("P", "L"):
                     raise DataError(f"mask '{path}' is an {image.mode} image; VOC masks are palette (\"P\") "
                                     f"PNGs whose pixel values are class indices 0-{NUM_CLASSES - 1} and 255")
@@ -252,7 +252,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         """The stored image (3, H, W) uint8 and mask (H, W) uint8."""
         path = str(self.images[index])
         try:
-            with Image.open(path) as picture:
+            with open_image(path) as picture:
                 image = v2.functional.pil_to_tensor(picture.convert("RGB"))
         except OSError as e:
             raise DataError(f"could not read image '{path}' ({e}); replace that file") from None

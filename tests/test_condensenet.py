@@ -1,18 +1,16 @@
 """CondenseNet: parameter counts, pruning, conversion, and the example end to end on a CIFAR-10
-fixture in the pickled-batch layout."""
+fixture in the pickled-batch layout (tests/fixtures.py)."""
 import json
 
 import pytest
 import torch
 from torch import nn
 
-from datasets.cifar10 import write_cifar10_batches
 from graphs.models.condensenet import CondenseNet, condense, condensed_skeleton, count_macs
 from graphs.models.custom_layers.learned_group_conv import stage_at
-from tests.conftest import ROOT, run_main
-
-CONFIG = ROOT / "configs" / "condensenet_exp_0.json"
-SMALL = {"stages": [2, 2], "growth": [4, 8], "pool_size": 16}
+from tests.conftest import run_main_in_process, set_args
+from tests.shipped import CONDENSENET as SMALL
+from tests.shipped import checkpoint
 
 
 def params(model):
@@ -81,80 +79,40 @@ def test_lasso_loss_is_differentiable_and_ignores_pruned_weights():
 
 
 # ----------------------------------------------------------------------------- end to end
+# The training run is the one of tests/test_shipped_configs.py (which also checks that it resumes
+# bitwise), on the cifar_folder fixture: 4 steps an epoch, 16 in all, the pruning stages starting
+# at steps 3, 6 and 8. The tests that read it are on the worker that trains it.
+on_its_worker = pytest.mark.xdist_group("condensenet_exp_0")
 
 
-@pytest.fixture(scope="module")
-def cifar_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("cifar")
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (192, 3, 32, 32), dtype=torch.uint8, generator=generator)
-    labels = torch.randint(0, 10, (192,), generator=generator)
-    write_cifar10_batches(str(folder), images[:128], labels[:128], images[128:], labels[128:])
-    return folder
+@pytest.fixture
+def trained(shipped_runs):
+    """configs/condensenet_exp_0.json for 4 epochs (read only: copy it to run more on it)."""
+    return shipped_runs["condensenet_exp_0"]
 
 
-def overrides(folder, **extra):
-    settings = {**SMALL, "data_folder": str(folder), "data_mode": "local", "batch_size": 32,
-                "test_batch_size": 64, "max_epoch": 4, "log_interval": 2, **extra}
-    args = []
-    for key, value in settings.items():
-        args += ["--set", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
-    return args
+def pruned_fractions(state: dict) -> list:
+    model = CondenseNet(**SMALL)
+    model.load_state_dict(state["models"]["model"])
+    return model.pruned_fraction_per_block()
 
 
-def small_config(folder, **extra):
-    from agents import make_config
-
-    return make_config({"exp_name": "condensenet_exp_0", "agent": "CondenseNetAgent", **SMALL,
-                        "data_folder": str(folder), "data_mode": "local", "batch_size": 32,
-                        "test_batch_size": 64, "max_epoch": 4, "log_interval": 2, "progress_bar": False,
-                        **extra})
+@on_its_worker
+def test_resume_mid_training_condenses_at_the_same_steps(trained):
+    assert trained.interrupted_checkpoint["epoch"] == 1
+    assert pruned_fractions(trained.interrupted_checkpoint) == [0.25, 0.25]   # one stage done, two to come
+    assert pruned_fractions(checkpoint(trained.split)) == [0.75, 0.75]
 
 
-def run_until_ctrl_c(agent, epoch: int):
-    """agent.run(), with Ctrl+C pressed as epoch `epoch` + 1 starts: run() saves the checkpoint of
-    `epoch` epochs, as in a real interruption."""
-    one_epoch = agent.train_one_epoch
-
-    def interrupted():
-        if agent.current_epoch == epoch:
-            raise KeyboardInterrupt
-        return one_epoch()
-
-    agent.train_one_epoch = interrupted
-    agent.run()
-
-
-def test_resume_mid_training_condenses_at_the_same_steps(cifar_folder, tmp_path, monkeypatch):
-    from utils import checkpoint as ckpt
-
-    # 4 steps an epoch, 16 in all: the pruning stages start at steps 3, 6 and 8.
-    monkeypatch.chdir(tmp_path)
-    cls, cfg = small_config(cifar_folder, exp_name="straight")
-    straight = cls(cfg)
-    straight.run()
-    cls, cfg = small_config(cifar_folder, exp_name="split")
-    first = cls(cfg)
-    run_until_ctrl_c(first, epoch=1)
-    assert first.status == "interrupted" and first.current_epoch == 1
-    assert first.raw_model.pruned_fraction_per_block() == [0.25, 0.25]     # one stage done, two to come
-    resumed = cls(cfg, ckpt.load("experiments/split/checkpoints/checkpoint.pth.tar"))
-    resumed.run()
-    assert resumed.raw_model.pruned_fraction_per_block() == [0.75, 0.75]
-    for (name, a), b in zip(straight.raw_model.state_dict().items(), resumed.raw_model.state_dict().values()):
-        assert torch.equal(a, b), name
-
-
-def test_condense_and_test_both_forms_through_main(cifar_folder, tmp_path):
-    exp = tmp_path / "experiments" / "condensenet_exp_0"
-    trained = run_main([CONFIG, *overrides(cifar_folder)], tmp_path)
-    assert trained.returncode == 0, trained.stderr
-    state = torch.load(exp / "checkpoints" / "checkpoint.pth.tar", weights_only=True)["models"]["model"]
+@on_its_worker
+def test_condense_and_test_both_forms_through_main(trained, tmp_path):
+    exp = trained.copy_to(tmp_path)
+    state = checkpoint(exp)["models"]["model"]
     masks = [key for key in state if key.endswith(".mask")]
     assert masks and all(state[key].mean() == 0.25 for key in masks)     # fully condensed
 
-    latest = ["--set", "checkpoint_file=checkpoint.pth.tar"]
-    condensed = run_main([CONFIG, *overrides(cifar_folder, mode="condense"), *latest], tmp_path)
+    latest = set_args(checkpoint_file="checkpoint.pth.tar")
+    condensed = run_main_in_process([*trained.args, *set_args(mode="condense"), *latest], tmp_path)
     assert condensed.returncode == 0, condensed.stderr
     report = json.loads((exp / "results.json").read_text())["condense"]
     assert report["trained"]["params"] == params(CondenseNet(**SMALL))
@@ -163,25 +121,21 @@ def test_condense_and_test_both_forms_through_main(cifar_folder, tmp_path):
     assert report["max_logit_difference"] < 1e-4
     assert (exp / "checkpoints" / "condensed.pth.tar").is_file()
 
-    as_trained = run_main([CONFIG, *overrides(cifar_folder, mode="test"), *latest], tmp_path)
+    as_trained = run_main_in_process([*trained.args, *set_args(mode="test"), *latest], tmp_path)
     assert as_trained.returncode == 0, as_trained.stderr
     trained_metrics = json.loads((exp / "results.json").read_text())["test"]
-    as_condensed = run_main([CONFIG, *overrides(cifar_folder, mode="test", condensed=True)], tmp_path)
+    as_condensed = run_main_in_process([*trained.args, *set_args(mode="test", condensed=True)], tmp_path)
     assert as_condensed.returncode == 0, as_condensed.stderr
     condensed_metrics = json.loads((exp / "results.json").read_text())["test"]
     assert condensed_metrics["test/accuracy"] == pytest.approx(trained_metrics["test/accuracy"])
     assert condensed_metrics["test/loss"] == pytest.approx(trained_metrics["test/loss"], abs=1e-4)
 
 
-def test_condensing_too_early_is_a_clear_error(cifar_folder, tmp_path, monkeypatch):
-    from utils import checkpoint as ckpt
-    from utils.errors import UserError
-
-    monkeypatch.chdir(tmp_path)
-    cls, cfg = small_config(cifar_folder)
-    early = cls(cfg)
-    run_until_ctrl_c(early, epoch=1)    # epoch 1 of 4: one pruning stage of three done
-    cfg.mode = "condense"
-    agent = cls(cfg, ckpt.load("experiments/condensenet_exp_0/checkpoints/checkpoint.pth.tar"))
-    with pytest.raises(UserError, match="before condensation finished"):
-        agent.run()
+@on_its_worker
+def test_condensing_too_early_is_a_clear_error(trained, tmp_path):
+    exp = trained.copy_to(tmp_path, "split")
+    early = exp / "checkpoints" / "epoch_1_of_4.pth.tar"     # one pruning stage of three done
+    torch.save(trained.interrupted_checkpoint, early)
+    result = run_main_in_process([*trained.args, *set_args(mode="condense", checkpoint_file=str(early))], tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "before condensation finished" in result.stderr and len(result.stderr.strip().splitlines()) == 1

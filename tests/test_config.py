@@ -14,7 +14,7 @@ MNIST = {"exp_name": "t", "agent": "MnistAgent"}
 def test_inline_json_and_defaults():
     cls, config = make_config(json.dumps(MNIST))
     assert cls.__name__ == "MnistAgent"
-    assert config.max_epoch == 14 and config.learning_rate == 1.0   # MnistAgent's defaults
+    assert config.max_epoch == 3 and config.learning_rate == 0.2    # MnistAgent's defaults
     assert config.seed == 1 and config.device == "auto"             # BaseAgent's defaults
     assert config.monitor == "val/accuracy" and config.monitor_mode == "max"
 
@@ -172,7 +172,7 @@ def test_a_plain_default_in_a_subclass_keeps_the_parents_range():
     assert inherit(Key(10, minimum=1), 14) == Key(14, minimum=1)
     assert inherit(Key(10, minimum=1), Key(3)) == Key(3)          # a Key replaces the declaration
     assert inherit(None, 5) == 5 and inherit(7, 5) == 5
-    # MnistAgent declares "max_epoch": 14 and "batch_size" comes from SupervisedAgent.
+    # MnistAgent declares "max_epoch": 3 and "batch_size" comes from SupervisedAgent.
     for override, message in (("max_epoch=0", "config key 'max_epoch' must be at least 1, got 0"),
                               ("batch_size=0", "config key 'batch_size' must be at least 1, got 0"),
                               ("keep_last_checkpoints=-1", "'keep_last_checkpoints' must be at least 0, got -1"),

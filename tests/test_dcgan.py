@@ -8,9 +8,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from graphs.models.dcgan_discriminator import Discriminator
 from graphs.models.dcgan_generator import Generator
-from tests.conftest import ROOT, run_main
-
-CONFIG = ROOT / "configs" / "dcgan_exp_0.json"
+from tests.conftest import run_main_in_process, set_args
+from tests.shipped import checkpoint
 
 
 def params(model):
@@ -39,35 +38,15 @@ def test_initialisation_as_in_the_paper():
     assert abs(float(norm.weight.detach().mean()) - 1.0) < 0.01 and float(norm.bias.detach().abs().max()) == 0.0
 
 
-@pytest.fixture(scope="module")
-def face_folder(tmp_path_factory):
-    """24 small images in two class folders, of mixed sizes (the loader resizes and crops)."""
-    folder = tmp_path_factory.mktemp("faces")
-    generator = torch.Generator().manual_seed(0)
-    for index in range(24):
-        subfolder = folder / ("a" if index % 2 else "b")
-        subfolder.mkdir(exist_ok=True)
-        pixels = torch.randint(0, 256, (40 + index % 3, 36, 3), dtype=torch.uint8, generator=generator)
-        Image.fromarray(pixels.numpy()).save(subfolder / f"{index:03d}.png")
-    return folder
+# ----------------------------------------------------------------------------- end to end
+# The training run is the one of tests/test_shipped_configs.py (which also checks that it resumes
+# bitwise: both networks, both optimizers, the fixed noise), on the image_folder fixture.
 
 
-def overrides(folder, **extra):
-    settings = {"dataset": "folder", "data_folder": str(folder), "data_mode": "local", "image_size": 32,
-                "num_filt_g": 8, "num_filt_d": 8, "batch_size": 8, "max_epoch": 2, "log_interval": 1,
-                "num_samples": 16, "data_loader_workers": 0, **extra}
-    args = []
-    for key, value in settings.items():
-        args += ["--set", f"{key}={value}"]
-    return args
-
-
-def test_train_resume_and_generate(face_folder, tmp_path):
-    straight_dir, split_dir = tmp_path / "straight", tmp_path / "split"
-    straight_dir.mkdir(), split_dir.mkdir()
-    straight = run_main([CONFIG, *overrides(face_folder)], straight_dir)
-    assert straight.returncode == 0, straight.stderr
-    exp = straight_dir / "experiments" / "dcgan_exp_0"
+@pytest.mark.xdist_group("dcgan_exp_0")
+def test_train_and_generate(shipped_runs, tmp_path):
+    trained = shipped_runs["dcgan_exp_0"]
+    exp = trained.straight
     assert sorted(p.name for p in (exp / "out").iterdir()) == ["epoch_001.png", "epoch_002.png"]
     assert Image.open(exp / "out" / "epoch_002.png").size == (8 * 34 + 2, 2 * 34 + 2)   # 16 images, 8 a row
     results = json.loads((exp / "results.json").read_text())
@@ -80,21 +59,13 @@ def test_train_resume_and_generate(face_folder, tmp_path):
         events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("train/loss_g")] == list(range(1, 7))
     assert events.Tags()["images"] == ["samples"]
+    state = checkpoint(exp)
+    assert state["models"].keys() == {"netG", "netD"} and state["optimizers"].keys() == {"optimizerG", "optimizerD"}
+    assert state["extra"]["fixed_noise"].shape == (16, 100, 1, 1)
 
-    assert run_main([CONFIG, *overrides(face_folder, max_epoch=1)], split_dir).returncode == 0
-    resumed = run_main([CONFIG, *overrides(face_folder), "--resume"], split_dir)
-    assert resumed.returncode == 0, resumed.stderr
-    first = torch.load(exp / "checkpoints" / "checkpoint.pth.tar", weights_only=True)
-    second = torch.load(split_dir / "experiments" / "dcgan_exp_0" / "checkpoints" / "checkpoint.pth.tar",
-                        weights_only=True)
-    for net in ("netG", "netD"):
-        for name, value in first["models"][net].items():
-            assert torch.equal(value, second["models"][net][name]), (net, name)
-    assert torch.equal(first["extra"]["fixed_noise"], second["extra"]["fixed_noise"])
-    assert first["optimizers"].keys() == {"optimizerG", "optimizerD"}
-
-    generated = run_main([CONFIG, *overrides(face_folder, mode="generate", interpolation_steps=5,
-                                             interpolations=3)], straight_dir)
+    exp = trained.copy_to(tmp_path)
+    generated = run_main_in_process([*trained.args, *set_args(mode="generate", interpolation_steps=5,
+                                                               interpolations=3)], tmp_path)
     assert generated.returncode == 0, generated.stderr
     assert Image.open(exp / "out" / "generated.png").size == (8 * 34 + 2, 2 * 34 + 2)
     assert Image.open(exp / "out" / "interpolation.png").size == (5 * 34 + 2, 3 * 34 + 2)

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.conftest import MAIN, run_main
+from tests.conftest import MAIN, run_main_in_process, set_args
 
 TINY = {"agent": "tests.tiny_agent:TinyAgent", "progress_bar": False, "max_epoch": 3}
 
@@ -34,42 +34,53 @@ def results(cwd, exp):
     return json.loads((cwd / "experiments" / exp / "results.json").read_text())
 
 
-# With torch DataLoaders the order is the data set's (shuffle off): a DistributedSampler's shuffle
-# draws from its own generator, so its order cannot equal one process's RandomSampler order.
-@pytest.mark.parametrize("loader", [{"loader": "tensor"}, {"loader": "torch", "shuffle": False,
-                                                          "data_loader_workers": 1}], ids=["tensor", "torch"])
-def test_two_processes_match_one_process_with_twice_the_batch(loader, tmp_path):
-    single = run_main([config(exp_name="one", batch_size=32, **loader)], tmp_path)
+def two_processes_match_one(loader: dict, cwd):
+    """experiments/one: one process, batches of 32; experiments/two: torchrun, 2 processes with
+    batches of 16 (or accumulated halves of them), 3 epochs: the same run."""
+    plain = {key: value for key, value in loader.items() if key != "grad_accumulation"}
+    single = run_main_in_process([config(exp_name="one", batch_size=32, **plain)], cwd)
     assert single.returncode == 0, single.stderr
-    double = torchrun([config(exp_name="two", batch_size=16, **loader)], tmp_path)
+    double = torchrun([config(exp_name="two", batch_size=16 // loader.get("grad_accumulation", 1), **loader)], cwd)
     assert double.returncode == 0, double.stderr
     assert "global batch 32" in double.stdout
 
-    one, two = weights(tmp_path, "one"), weights(tmp_path, "two")
+    one, two = weights(cwd, "one"), weights(cwd, "two")
     assert one.keys() == two.keys() == {"weight", "bias"}          # no "module." prefix
     for name in one:
         assert torch.allclose(one[name], two[name], atol=1e-6), name
-    first, second = results(tmp_path, "one"), results(tmp_path, "two")
+    first, second = results(cwd, "one"), results(cwd, "two")
     assert first["iterations"] == second["iterations"] == 9         # 96 samples / 32 per step
     # Validation is reduced over both processes: the same numbers as one process over all of it.
     for tag in ("val/loss", "val/accuracy"):
         assert first["last"][tag] == pytest.approx(second["last"][tag], abs=1e-6)
     # Only rank 0 wrote: one event file, one set of logs.
-    assert len(list((tmp_path / "experiments" / "two" / "summaries").iterdir())) == 1
+    assert len(list((cwd / "experiments" / "two" / "summaries").iterdir())) == 1
 
 
-def test_a_two_process_run_resumes_under_torchrun_and_in_one_process(tmp_path):
-    straight = torchrun([config(exp_name="straight", batch_size=16)], tmp_path)
-    assert straight.returncode == 0, straight.stderr
+# With torch DataLoaders the order is the data set's (shuffle off): a DistributedSampler's shuffle
+# draws from its own generator, so its order cannot equal one process's RandomSampler order.
+# Accumulated: 2 processes x 2 accumulated batches of 8 (DDP's all-reduce skipped on the first).
+# The tensor loader's case is the straight run of the resume test below.
+@pytest.mark.parametrize("loader", [{"loader": "torch", "shuffle": False, "data_loader_workers": 1},
+                                    {"loader": "tensor", "grad_accumulation": 2}],
+                         ids=["torch", "tensor-accumulated"])
+def test_two_processes_match_one_process_with_twice_the_batch(loader, tmp_path):
+    two_processes_match_one(loader, tmp_path)
+
+
+def test_a_two_process_run_matches_one_process_and_resumes_under_torchrun_and_in_one_process(tmp_path):
+    two_processes_match_one({"loader": "tensor"}, tmp_path)           # experiments/two: the straight run
     first = torchrun([config(exp_name="split", batch_size=16, max_epoch=1)], tmp_path)
     assert first.returncode == 0, first.stderr
-    second = torchrun([config(exp_name="split", batch_size=16), "--resume"], tmp_path)
+    second = torchrun([config(exp_name="split", batch_size=16), "--resume", *set_args(max_epoch=3)], tmp_path)
     assert second.returncode == 0, second.stderr
-    for name, value in weights(tmp_path, "straight").items():
+    for name, value in weights(tmp_path, "two").items():
         assert torch.allclose(value, weights(tmp_path, "split")[name], atol=1e-6), name
     assert results(tmp_path, "split")["epochs_done"] == 3
 
-    alone = run_main([config(exp_name="split", batch_size=32, max_epoch=4), "--resume"], tmp_path)
+    # One process: the same global batch of 32 (a batch_size that keeps it may change on resume).
+    alone = run_main_in_process([config(exp_name="split"), "--resume", *set_args(batch_size=32, max_epoch=4)],
+                                tmp_path)
     assert alone.returncode == 0, alone.stderr
     assert results(tmp_path, "split")["epochs_done"] == 4
 

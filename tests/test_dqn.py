@@ -5,6 +5,7 @@ import io
 import itertools
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -16,11 +17,11 @@ from agents import make_config
 from agents.dqn import exploration_rate, update_target
 from datasets.cartpole_screen import crop_screen, screen_size
 from graphs.models.dqn import ConvQNetwork, MLPQNetwork
-from tests.conftest import ROOT, run_main, snapshot
+from tests.conftest import ROOT, run_main_in_process, set_args, snapshot
+from tests.shipped import checkpoint
 from utils.replay_memory import ReplayMemory
 
 CONFIG = ROOT / "configs" / "dqn_exp_0.json"
-PIXELS_CONFIG = ROOT / "configs" / "dqn_pixels_exp_0.json"
 HAS_PYGAME = importlib.util.find_spec("pygame") is not None
 
 # ----------------------------------------------------------------------------- replay memory
@@ -191,32 +192,22 @@ def test_pixel_observations_from_the_rendered_cartpole():
 
 
 # ----------------------------------------------------------------------------- end to end
+# The runs of configs/dqn_exp_0.json and dqn_pixels_exp_0.json are those of
+# tests/test_shipped_configs.py (their tiny settings are in tests/shipped.py), which also checks
+# that the state run resumes bitwise: weights, replay memory, the environment's and exploration's
+# generators. The tests that read a run are on the worker that trains it.
+state_run, pixel_run = pytest.mark.xdist_group("dqn_exp_0"), pytest.mark.xdist_group("dqn_pixels_exp_0")
 
 
-def overrides(**extra) -> list:
-    settings = {"max_steps": 600, "learning_starts": 100, "batch_size": 32, "hidden_sizes": [32, 32],
-                "memory_capacity": 1000, "eps_decay": 200, "eval_every": 2, "eval_episodes": 2,
-                "test_episodes": 3, "log_interval": 10, **extra}
-    args = []
-    for key, value in settings.items():
-        args += ["--set", f"{key}={json.dumps(value)}"]
-    return args
+@pytest.fixture
+def trained(shipped_runs):
+    """configs/dqn_exp_0.json for 600 environment steps (read only: copy it to run more on it)."""
+    return shipped_runs["dqn_exp_0"]
 
 
-def checkpoint(exp, name="checkpoint.pth.tar"):
-    return torch.load(exp / "checkpoints" / name, weights_only=True)
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("dqn")
-    result = run_main([CONFIG, *overrides()], cwd)
-    assert result.returncode == 0, result.stderr
-    return cwd / "experiments" / "dqn_exp_0", result
-
-
-def test_training_stops_at_max_steps_and_records_everything(trained_run):
-    exp, result = trained_run
+@state_run
+def test_training_stops_at_max_steps_and_records_everything(trained):
+    exp, result = trained.straight, trained.straight_output
     results = json.loads((exp / "results.json").read_text())
     assert results["status"] == "completed" and results["env_steps"] == 600
     assert results["iterations"] == 600 - 100 + 1              # one gradient step per step once warm
@@ -244,30 +235,18 @@ def test_training_stops_at_max_steps_and_records_everything(trained_run):
     assert epsilons[-1] < 0.1 < epsilons[0]
 
 
-def test_resume_gives_the_state_of_the_straight_run(trained_run, tmp_path):
-    exp, _ = trained_run
-    first = run_main([CONFIG, *overrides(max_epoch=3)], tmp_path)
-    assert first.returncode == 0, first.stderr
-    resumed = run_main([CONFIG, *overrides(), "--resume"], tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from epoch 3" in resumed.stdout
-    straight, split = checkpoint(exp), checkpoint(tmp_path / "experiments" / "dqn_exp_0")
-    assert straight["epoch"] == split["epoch"] and straight["iteration"] == split["iteration"]
-    for net in ("policy_net", "target_net"):
-        for name, value in straight["models"][net].items():
-            assert torch.equal(value, split["models"][net][name]), (net, name)
-    for name, value in straight["extra"]["memory"]["transitions"].items():
-        assert torch.equal(value, split["extra"]["memory"]["transitions"][name]), name
-    assert straight["extra"]["env_rng"] == split["extra"]["env_rng"]
-
-    again = run_main([CONFIG, *overrides(), "--resume"], tmp_path)       # the budget is spent
+@state_run
+def test_a_run_whose_budget_is_spent_resumes_to_nothing(trained, tmp_path):
+    trained.copy_to(tmp_path, "split")
+    again = run_main_in_process([*trained.args, "--resume"], tmp_path)
     assert again.returncode == 0 and "already spent its training budget" in again.stdout
 
 
-def test_test_mode_plays_greedy_episodes_and_saves_a_gif(trained_run):
-    exp, _ = trained_run
+@state_run
+def test_test_mode_plays_greedy_episodes_and_saves_a_gif(trained, tmp_path):
+    exp = trained.copy_to(tmp_path)
     checkpoints_before = snapshot(exp / "checkpoints")
-    result = run_main([CONFIG, *overrides(mode="test")], exp.parent.parent)
+    result = run_main_in_process([*trained.args, *set_args(mode="test")], tmp_path)
     assert result.returncode == 0, result.stderr
     test = json.loads((exp / "results.json").read_text())["test"]
     assert set(test) == {"episodes", "mean_return", "std_return"} and test["episodes"] == 3
@@ -279,40 +258,33 @@ def test_test_mode_plays_greedy_episodes_and_saves_a_gif(trained_run):
 
 
 BAD_INPUTS = {
-    "unknown environment": (["--set", "env_name=CartPol-v1"],
+    "unknown environment": (set_args(env_name="CartPol-v1"),
                             "env_name \"CartPol-v1\": Environment `CartPol` doesn't exist. Did you mean: `CartPole`?"),
-    "continuous actions": (["--set", "env_name=Pendulum-v1"], "DQN needs a discrete action space; Pendulum-v1 has Box"),
-    "unknown observation mode": (["--set", "observation_mode=image"], "'observation_mode' is \"image\""),
-    "pixels without pygame": (["--set", "observation_mode=pixels"], "needs pygame to render the screen"),
+    "continuous actions": (set_args(env_name="Pendulum-v1"), "DQN needs a discrete action space; Pendulum-v1 has Box"),
+    "unknown observation mode": (set_args(observation_mode="image"), "'observation_mode' is \"image\""),
+    "pixels without pygame": (set_args(observation_mode="pixels"), "needs pygame to render the screen"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_is_one_clear_line(case, tmp_path, monkeypatch):
     args, message = BAD_INPUTS[case]
-    if case == "pixels without pygame":   # a pygame that fails to import, first on the path
-        (tmp_path / "no_pygame").mkdir()
-        (tmp_path / "no_pygame" / "pygame.py").write_text("raise ImportError(\"No module named 'pygame'\")\n")
-        monkeypatch.setenv("PYTHONPATH", str(tmp_path / "no_pygame"))
-    result = run_main([CONFIG, *args], tmp_path)
+    if case == "pixels without pygame":   # `import pygame` fails, as where it is not installed
+        monkeypatch.setitem(sys.modules, "pygame", None)
+    result = run_main_in_process([CONFIG, *args], tmp_path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
-    assert not (tmp_path / "experiments").exists()
+    assert "Traceback" not in result.stderr and not (tmp_path / "experiments").exists()
 
 
-def test_pixel_config_trains_and_resumes_with_a_refilled_memory(tmp_path):
+@pixel_run
+def test_pixel_config_trains_and_resumes_with_a_refilled_memory(shipped_runs):
     pytest.importorskip("pygame", reason="pixel mode renders CartPole with pygame, which is not installed")
-    tiny = overrides(max_steps=160, learning_starts=40, batch_size=8, memory_capacity=200, conv_filters=[4, 8, 8],
-                     eval_episodes=1, log_interval=5)
-    first = run_main([PIXELS_CONFIG, *tiny, "--set", "max_epoch=1"], tmp_path)
-    assert first.returncode == 0, first.stderr
-    exp = tmp_path / "experiments" / "dqn_pixels_exp_0"
-    state = checkpoint(exp)
+    run = shipped_runs["dqn_pixels_exp_0"]
+    state = run.interrupted_checkpoint
     assert "transitions" not in state["extra"]["memory"]              # checkpoint_replay_memory false
     assert state["models"]["policy_net"]["head.weight"].shape == (2, 8 * 2 * 8)   # 40x90 screens
-    resumed = run_main([PIXELS_CONFIG, *tiny, "--resume"], tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "learning pauses until it holds learning_starts (40)" in resumed.stdout
-    results = json.loads((exp / "results.json").read_text())
+    assert "learning pauses until it holds learning_starts (40)" in run.resumed_output.stdout
+    results = json.loads((run.split / "results.json").read_text())
     assert results["env_steps"] == 160 and results["iterations"] > 0 and results["status"] == "completed"

@@ -1,8 +1,8 @@
-"""ERFNet on Pascal VOC: the network's size and blocks, the confusion-matrix metrics, class weights,
-the VOC data (palette, joint transforms, SBD's train_aug, missing files), and the example end to
-end on a tiny fixture in VOC's own layout (JPEG images, palette PNG masks, ImageSets lists)."""
+"""ERFNet on Pascal VOC: the network's size and blocks, class weights, the VOC data (palette,
+joint transforms, SBD's train_aug, missing files), and the example end to end on a tiny fixture in
+VOC's own layout (tests/fixtures.py: JPEG images, palette PNG masks, ImageSets lists). The
+confusion-matrix metrics are in tests/test_metrics.py."""
 import json
-import math
 import shutil
 
 import numpy as np
@@ -16,10 +16,12 @@ from datasets.voc import (CLASSES, IGNORE_INDEX, SegmentationDataset, VOCDataLoa
 from graphs.losses.class_weights import count_pixels, enet_weights
 from graphs.models.custom_layers.erfnet_blocks import DownsamplerBlock, NonBottleneck1d
 from graphs.models.erfnet import ERFNet
-from tests.conftest import ROOT, run_main
+from tests.conftest import ROOT, run_main_in_process, set_args
+from tests.fixtures import VOC_COLOURS, VOC_SIZES, write_voc
+from tests.shipped import ERFNET as SMALL
+from tests.shipped import checkpoint
 from tests.test_distributed import torchrun
 from utils.errors import CheckpointError, ConfigError, DataError
-from utils.metrics import ConfusionMatrix, segmentation_metrics
 
 CONFIG = ROOT / "configs" / "erfnet_exp_0.json"
 
@@ -81,79 +83,7 @@ def test_encoder_loads_from_the_authors_layout_and_mismatches_are_errors(tmp_pat
         target.load_encoder(state)
 
 
-# ----------------------------------------------------------------------------- metrics
-
-
-def test_metrics_of_hand_made_confusion_matrices():
-    # rows: ground truth, columns: prediction; class 2 is in neither
-    scores = segmentation_metrics(torch.tensor([[3, 1, 0], [0, 2, 0], [0, 0, 0]]))
-    assert scores["pixel_accuracy"] == pytest.approx(5 / 6)
-    assert scores["class_accuracy"][:2] == pytest.approx([0.75, 1.0]) and math.isnan(scores["class_accuracy"][2])
-    assert scores["mean_class_accuracy"] == pytest.approx(0.875)
-    assert scores["iou"][:2] == pytest.approx([3 / 4, 2 / 3]) and math.isnan(scores["iou"][2])
-    assert scores["mIoU"] == pytest.approx((3 / 4 + 2 / 3) / 2)
-
-    # class 1 predicted but never true: IoU 0 counts in the mean, its accuracy is undefined
-    scores = segmentation_metrics(torch.tensor([[2, 2], [0, 0]]))
-    assert scores["iou"] == [0.5, 0.0] and scores["mIoU"] == 0.25
-    assert scores["mean_class_accuracy"] == 0.5 and math.isnan(scores["class_accuracy"][1])
-
-    scores = segmentation_metrics(torch.eye(4, dtype=torch.int64) * 7)
-    assert scores["pixel_accuracy"] == scores["mean_class_accuracy"] == scores["mIoU"] == 1.0
-    assert math.isnan(segmentation_metrics(torch.zeros(3, 3))["mIoU"])
-
-
-def test_confusion_matrix_counts_and_ignores_255():
-    labels = torch.tensor([[0, 0, 1, 255], [2, 2, 1, 255]], dtype=torch.uint8)
-    predictions = torch.tensor([[0, 1, 1, 2], [2, 0, 1, 1]])
-    matrix = ConfusionMatrix(3)
-    matrix.update(predictions, labels)
-    matrix.update(predictions[:1], labels[:1])
-    assert matrix.counts.tolist() == [[2, 2, 0], [0, 3, 0], [1, 0, 1]]
-    assert matrix.all_reduce().counts.sum() == 9            # one process: unchanged
-
-
 # ----------------------------------------------------------------------------- VOC data
-
-COLOURS = {1: (220, 40, 40), 12: (40, 200, 40), 15: (40, 40, 220)}    # aeroplane, dog, person
-SIZES = ((48, 40), (40, 56), (56, 48), (40, 40))                      # (height, width)
-
-
-def write_sample(folder, name: str, index: int, generator: torch.Generator):
-    """A dark noisy image with one bright rectangle of a class's colour; its palette PNG mask has
-    the class inside, background outside and a 2-pixel ring of 255 on the edge, as VOC draws them."""
-    height, width = SIZES[index % len(SIZES)]
-    label = list(COLOURS)[index % len(COLOURS)]
-    pixels = torch.randint(0, 40, (height, width, 3), dtype=torch.uint8, generator=generator)
-    mask = torch.zeros(height, width, dtype=torch.uint8)
-    top = int(torch.randint(0, height // 2, (), generator=generator))
-    left = int(torch.randint(0, width // 2, (), generator=generator))
-    bottom, right = top + height // 2, left + width // 2
-    pixels[top:bottom, left:right] = torch.tensor(COLOURS[label], dtype=torch.uint8)
-    mask[top - 2 if top >= 2 else 0:bottom + 2, left - 2 if left >= 2 else 0:right + 2] = IGNORE_INDEX
-    mask[top:bottom, left:right] = label
-    Image.fromarray(pixels.numpy()).save(folder / "JPEGImages" / f"{name}.jpg", quality=95)
-    save_mask(mask, folder / "SegmentationClass" / f"{name}.png")
-
-
-def write_voc(root, train: int = 8, val: int = 5):
-    folder = root / "VOCdevkit" / "VOC2012"
-    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
-        (folder / sub).mkdir(parents=True)
-    generator = torch.Generator().manual_seed(0)
-    names = {"train": [f"2008_{i:06d}" for i in range(train)], "val": [f"2009_{i:06d}" for i in range(val)]}
-    for split, split_names in names.items():
-        for index, name in enumerate(split_names):
-            write_sample(folder, name, index + (split == "val"), generator)
-        (folder / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(split_names) + "\n")
-    return names
-
-
-@pytest.fixture(scope="module")
-def voc_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("voc")
-    write_voc(folder)
-    return folder
 
 
 def test_palette_and_palette_pngs(tmp_path):
@@ -181,7 +111,7 @@ def test_joint_transforms_keep_image_and_mask_aligned(voc_folder):
             assert mask.shape == (32, 32) and mask.dtype == torch.uint8
             assert set(mask.unique().tolist()) <= {0, 1, 12, 15, IGNORE_INDEX}     # nearest: no blended labels
             saw_padding |= bool((mask == IGNORE_INDEX).float().mean() > 0.3)
-            for label, colour in COLOURS.items():     # the class's pixels have the class's colour
+            for label, colour in VOC_COLOURS.items():     # the class's pixels have the class's colour
                 inside = mask == label
                 if inside.sum() > 20:                  # (edges blend when the image is scaled down)
                     channel = int(np.argmax(colour))
@@ -251,23 +181,24 @@ def test_sbd_joins_the_training_set_without_voc_val(tmp_path):
 
 
 # ----------------------------------------------------------------------------- end to end
-
-SMALL = {"data_mode": "local", "sbd": False, "pretrained_encoder": None, "img_size": 32, "batch_size": 4,
-         "test_batch_size": 3, "max_epoch": 2, "log_interval": 1, "val_examples": 2, "data_loader_workers": 0,
-         "device": "cpu"}
+# The training run is the one of tests/test_shipped_configs.py (which also checks that it resumes
+# bitwise), on the voc_folder fixture; the tests that read it are on the worker that trains it.
+on_its_worker = pytest.mark.xdist_group("erfnet_exp_0")
 
 
 def overrides(folder, **extra):
-    args = []
-    for key, value in {**SMALL, "data_folder": str(folder), **extra}.items():
-        args += ["--set", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
-    return args
+    return set_args(SMALL, data_folder=folder, **extra)
 
 
-def test_train_validate_and_write_masks(voc_folder, tmp_path):
-    exp = tmp_path / "experiments" / "erfnet_exp_0"
-    trained = run_main([CONFIG, *overrides(voc_folder)], tmp_path)
-    assert trained.returncode == 0, trained.stderr
+@pytest.fixture
+def trained(shipped_runs):
+    """configs/erfnet_exp_0.json for 2 epochs (read only: copy it to run more on it)."""
+    return shipped_runs["erfnet_exp_0"]
+
+
+@on_its_worker
+def test_train_validate_and_write_masks(trained, voc_folder, tmp_path):
+    exp = trained.straight
     assert weights_cache_path(str(voc_folder), False).is_file()           # "auto" weights, cached by the data
 
     results = json.loads((exp / "results.json").read_text())
@@ -290,8 +221,9 @@ def test_train_validate_and_write_masks(voc_folder, tmp_path):
     strip = events.Images(examples[0])[-1]
     assert (strip.width, strip.height) == (3 * 56, 40)                    # image | truth | prediction
 
+    exp = trained.copy_to(tmp_path)
     # One image a batch here, three in validation: a prediction does not depend on its batch.
-    tested = run_main([CONFIG, *overrides(voc_folder, mode="test", test_batch_size=1)], tmp_path)
+    tested = run_main_in_process([CONFIG, *overrides(voc_folder, mode="test", test_batch_size=1)], tmp_path)
     assert tested.returncode == 0, tested.stderr
     assert "class weights: read from" in tested.stdout and "aeroplane" in tested.stdout
     report = json.loads((exp / "results.json").read_text())
@@ -302,7 +234,7 @@ def test_train_validate_and_write_masks(voc_folder, tmp_path):
     assert [p.stem for p in masks] == [f"2009_{i:06d}" for i in range(5)]
     for index, path in enumerate(masks):
         with Image.open(path) as mask:
-            assert mask.mode == "P" and mask.size[::-1] == SIZES[(index + 1) % len(SIZES)]
+            assert mask.mode == "P" and mask.size[::-1] == VOC_SIZES[(index + 1) % len(VOC_SIZES)]
             assert set(np.unique(np.array(mask))) <= set(range(len(CLASSES)))
 
     # Two processes: 5 images in shares of 3 and 2 (DistributedSampler repeats one image to even
@@ -319,39 +251,15 @@ def test_train_validate_and_write_masks(voc_folder, tmp_path):
         assert distributed[key] == pytest.approx(report["test"][key]), key
 
 
-def test_resume_gives_the_weights_of_the_straight_run(voc_folder, tmp_path, monkeypatch):
-    from agents import make_config
-    from utils import checkpoint as ckpt
-
-    monkeypatch.chdir(tmp_path)
-    settings = {"exp_name": "straight", "agent": "ERFNetAgent", **SMALL, "data_folder": str(voc_folder),
-                "progress_bar": False}
-    cls, config = make_config(settings)
-    straight = cls(config)
-    straight.run()
-    assert straight.parts.schedulers["scheduler"][0].last_epoch == 4 and straight.optimizer.param_groups[0]["lr"] == 0
-
-    cls, config = make_config({**settings, "exp_name": "split"})
-    first = cls(config)
-    end_of_epoch = first.write_results
-
-    def ctrl_c_after_epoch_1():           # as if Ctrl+C came right after epoch 1's checkpoint
-        end_of_epoch()
-        if first.current_epoch == 1:
-            raise KeyboardInterrupt
-
-    first.write_results = ctrl_c_after_epoch_1
-    first.run()
-    assert first.status == "interrupted" and first.current_epoch == 1
-    resumed = cls(config, ckpt.load("experiments/split/checkpoints/checkpoint.pth.tar"))
-    resumed.run()
-    for (name, a), b in zip(straight.raw_model.state_dict().items(), resumed.raw_model.state_dict().values()):
-        assert torch.equal(a, b), name
-    assert resumed.best_value == straight.best_value
+@on_its_worker
+def test_poly_decay_reaches_zero_at_the_last_iteration(trained):
+    state = checkpoint(trained.straight)
+    assert state["schedulers"]["scheduler"]["last_epoch"] == 4                # stepped every iteration
+    assert state["optimizers"]["optimizer"]["param_groups"][0]["lr"] == 0
 
 
 def test_a_missing_encoder_file_is_one_clear_line(voc_folder, tmp_path):
-    result = run_main([CONFIG, *overrides(voc_folder, pretrained_encoder="nope.pth.tar")], tmp_path)
+    result = run_main_in_process([CONFIG, *overrides(voc_folder, pretrained_encoder="nope.pth.tar")], tmp_path)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
@@ -443,7 +351,7 @@ def test_a_bad_mask_read_in_a_worker_process_is_one_clear_line(voc_folder, tmp_p
     masks = sorted((data / "VOCdevkit" / "VOC2012" / "SegmentationClass").glob("*.png"))
     for mask in masks:
         Image.new("RGB", Image.open(mask).size).save(mask)   # every split's masks: whichever is read first
-    result = run_main([CONFIG, *overrides(data, data_loader_workers=1, class_weights=None)], tmp_path)
+    result = run_main_in_process([CONFIG, *overrides(data, data_loader_workers=1, class_weights=None)], tmp_path)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr

@@ -10,7 +10,7 @@ import torch
 from agents import make_config
 from datasets.iris import IrisDataLoader, load_iris_tensors, stratified_split
 from graphs.models.baselines import build_baseline
-from tests.conftest import ROOT
+from tests.conftest import ROOT, set_args
 from utils.errors import ConfigError
 
 CONFIG = str(ROOT / "configs" / "iris_exp_0.json")
@@ -86,7 +86,7 @@ def test_baseline_experiments_script_reruns_all_three(tmp_path):
     earlier.mkdir(parents=True)
     (earlier / "checkpoint.pth.tar").write_bytes(b"an earlier run's checkpoint")
     env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
-    done = subprocess.run(["bash", str(project / "experiments" / "baseline_experiments.sh"), "--set", "max_epoch=3"],
+    done = subprocess.run(["bash", str(project / "experiments" / "baseline_experiments.sh"), *set_args(max_epoch=3)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()

@@ -1,8 +1,9 @@
 import math
 
+import pytest
 import torch
 
-from utils.metrics import AverageMeter, MeterGroup
+from utils.metrics import AverageMeter, ConfusionMatrix, MeterGroup, segmentation_metrics
 
 
 def test_average_weights_batches_by_size():
@@ -48,3 +49,35 @@ def test_best_value_tracks_the_best_epoch_and_early_stopping():
     restored.load_state_dict(best.state_dict())
     assert (restored.value, restored.epoch, restored.bad_epochs, restored.patience_spent) == (0.7, 2, 2, False)
     assert BestValue("min").update(1.0, 1) and not BestValue("min", None).patience_spent
+
+
+# ----------------------------------------------------------------------------- segmentation (ERFNet)
+
+
+def test_metrics_of_hand_made_confusion_matrices():
+    # rows: ground truth, columns: prediction; class 2 is in neither
+    scores = segmentation_metrics(torch.tensor([[3, 1, 0], [0, 2, 0], [0, 0, 0]]))
+    assert scores["pixel_accuracy"] == pytest.approx(5 / 6)
+    assert scores["class_accuracy"][:2] == pytest.approx([0.75, 1.0]) and math.isnan(scores["class_accuracy"][2])
+    assert scores["mean_class_accuracy"] == pytest.approx(0.875)
+    assert scores["iou"][:2] == pytest.approx([3 / 4, 2 / 3]) and math.isnan(scores["iou"][2])
+    assert scores["mIoU"] == pytest.approx((3 / 4 + 2 / 3) / 2)
+
+    # class 1 predicted but never true: IoU 0 counts in the mean, its accuracy is undefined
+    scores = segmentation_metrics(torch.tensor([[2, 2], [0, 0]]))
+    assert scores["iou"] == [0.5, 0.0] and scores["mIoU"] == 0.25
+    assert scores["mean_class_accuracy"] == 0.5 and math.isnan(scores["class_accuracy"][1])
+
+    scores = segmentation_metrics(torch.eye(4, dtype=torch.int64) * 7)
+    assert scores["pixel_accuracy"] == scores["mean_class_accuracy"] == scores["mIoU"] == 1.0
+    assert math.isnan(segmentation_metrics(torch.zeros(3, 3))["mIoU"])
+
+
+def test_confusion_matrix_counts_and_ignores_255():
+    labels = torch.tensor([[0, 0, 1, 255], [2, 2, 1, 255]], dtype=torch.uint8)
+    predictions = torch.tensor([[0, 1, 1, 2], [2, 0, 1, 1]])
+    matrix = ConfusionMatrix(3)
+    matrix.update(predictions, labels)
+    matrix.update(predictions[:1], labels[:1])
+    assert matrix.counts.tolist() == [[2, 2, 0], [0, 3, 0], [1, 0, 1]]
+    assert matrix.all_reduce().counts.sum() == 9            # one process: unchanged

@@ -3,7 +3,8 @@ written and every command of their bash blocks is run, in order, in a fresh copy
 
 `git clone URL DIR` clones a git repository made from this working tree (the tutorial's URL is
 a placeholder); MNIST is a small fixture in torchvision's layout at data/mnist, where the
-tutorials' download would put it; a TensorBoard server must come up, then it is stopped."""
+tutorials' download would put it; a TensorBoard server must come up (on a free port: `--port 0`
+is added, so that runs side by side do not meet on 6006), then it is stopped."""
 import os
 import re
 import selectors
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, synthetic_digits
+from tests.conftest import ROOT
+from tests.fixtures import write_mnist
 
 TUTORIALS = ROOT / "tutorials"
 BLOCK = re.compile(r"^(?:<!-- file: (?P<file>\S+) -->\n)?```(?P<lang>[a-z]*)\n(?P<body>.*?)^```", re.S | re.M)
@@ -36,11 +38,10 @@ def tutorial_steps(text: str) -> list[tuple]:
     return steps
 
 
-def add_mnist_fixture(project: Path):
-    from datasets.mnist import write_raw_split
-
-    write_raw_split(str(project / "data" / "mnist"), True, *synthetic_digits(320, seed=0))
-    write_raw_split(str(project / "data" / "mnist"), False, *synthetic_digits(160, seed=1))
+def add_mnist_fixture(project: Path, train: int = 128):
+    # Small: the tutorials check that the commands work, not what they reach. getting_started
+    # trains configs/mnist_exp_0.json, which holds out valid_size (5,000) more.
+    write_mnist(project / "data" / "mnist", train=train, test=64)
 
 
 def shell_env() -> dict:
@@ -70,16 +71,17 @@ def serve_briefly(command: str, cwd: Path, env: dict, timeout: float = 120) -> s
     return output.decode(errors="replace")
 
 
-def run_tutorial(name: str, workdir: Path) -> Path:
-    """Run tutorials/<name> from workdir; returns the folder its last command ran in."""
-    env, cwd = shell_env(), workdir
+def run_tutorial(name: str, workdir: Path) -> tuple[Path, dict]:
+    """Run tutorials/<name> from workdir; returns the folder its last command ran in and
+    {command: its stdout and stderr}."""
+    env, cwd, outputs = shell_env(), workdir, {}
     for step in tutorial_steps((TUTORIALS / name).read_text()):
         if step[0] == "file":
             path = cwd / step[1]
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(step[2])
             continue
-        command = step[1]
+        command, started = step[1], time.perf_counter()
         if command.startswith("cd "):
             cwd = (cwd / command[3:].strip()).resolve()
             continue
@@ -92,19 +94,18 @@ def run_tutorial(name: str, workdir: Path) -> Path:
             subprocess.run([*git, "-C", str(origin), "commit", "-q", "-m", "tutorial"], check=True)
             target = command.split()[3]
             subprocess.run(["git", "clone", "-q", str(origin), target], cwd=cwd, check=True)
-            add_mnist_fixture(cwd / target)
-            continue
-        if "tensorboard" in command:
-            output = serve_briefly(command, cwd, env)
+            add_mnist_fixture(cwd / target, train=5_000 + 128)
+        elif "tensorboard" in command:
+            output = serve_briefly(f"{command} --port 0", cwd, env)
             assert "http://" in output, f"`{command}` did not start serving:\n{output[-3000:]}"
-            continue
-        started = time.perf_counter()
-        done = subprocess.run(command, shell=True, cwd=cwd, env=env, capture_output=True, text=True,
-                              timeout=600)
+        else:
+            done = subprocess.run(command, shell=True, cwd=cwd, env=env, capture_output=True, text=True,
+                                  timeout=600)
+            assert done.returncode == 0, (f"{name}: `{command}` exited {done.returncode}\n"
+                                          f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+            outputs[command] = done.stdout + done.stderr
         print(f"{time.perf_counter() - started:6.1f}s  {command}")   # in a failing test's report
-        assert done.returncode == 0, (f"{name}: `{command}` exited {done.returncode}\n"
-                                      f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return cwd
+    return cwd, outputs
 
 
 def test_tutorial_steps_are_found():
@@ -117,12 +118,16 @@ def test_tutorial_steps_are_found():
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="the tutorial starts with git clone")
 def test_getting_started(tmp_path):
-    project = run_tutorial("getting_started.md", tmp_path)
+    project, outputs = run_tutorial("getting_started.md", tmp_path)
     assert project == tmp_path / "my_project"
     experiments = project / "experiments"
     assert {p.name for p in experiments.iterdir()} >= {"mnist_exp_0", "flowers_exp_0", "flowers_mlp", "flowers_ddp"}
     assert '"test"' in (experiments / "mnist_exp_0" / "results.json").read_text()
     assert '"FlowersAgent": "agents.flowers:FlowersAgent"' in (project / "agents" / "__init__.py").read_text()
+    # The generated test ran whole: its run through main.py and each network choice's step.
+    summary = outputs["./run.sh test tests/test_flowers.py"].strip().splitlines()[-1]
+    counts = {word: int(n) for n, word in re.findall(r"(\d+) (\w+)", summary)}
+    assert counts.get("passed", 0) >= 5 and set(counts) <= {"passed", "warning", "warnings"}, summary
 
 
 def test_mnist_tutorial(tmp_path):

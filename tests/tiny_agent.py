@@ -26,6 +26,7 @@ class TinyAgent(SupervisedAgent):
         "max_epoch": 3,
         "log_interval": 1,
         "lr_gamma": Key(0.9, minimum=0),
+        "sgd": {"nesterov": False, "dampening": 0.0},   # a nested object: checkpoints must hold it as plain dicts
         "scheduler_interval": Key("epoch", choices=("epoch", "iteration")),
         "monitor": "val/accuracy",
         "monitor_mode": "max",
@@ -35,6 +36,8 @@ class TinyAgent(SupervisedAgent):
         "crash_by_hanging": False,    # instead of raising, stop answering (a stuck process)
     }
     metrics = ("loss", "accuracy")
+    # Fault injection is not part of the run: a resumed run may drop it.
+    resumable_keys = SupervisedAgent.resumable_keys + ("crash_at_iteration", "crash_rank", "crash_by_hanging")
 
     def build(self):
         cfg = self.config
@@ -43,7 +46,7 @@ class TinyAgent(SupervisedAgent):
         labels = (points[:, 0] + 0.5 * points[:, 1] > 0).long()
         self.model = self.add_model("model", nn.Linear(8, 2))
         optimizer = self.add_optimizer("optimizer", optim.SGD(self.model.parameters(), lr=cfg.learning_rate,
-                                                              momentum=cfg.momentum))
+                                                              momentum=cfg.momentum, **cfg.sgd))
         self.add_scheduler("scheduler", optim.lr_scheduler.StepLR(optimizer, 1, gamma=cfg.lr_gamma),
                            interval=cfg.scheduler_interval)
         if cfg.loader == "tensor":

@@ -2,7 +2,6 @@
 it (written atomically, loaded with weights_only), and RNG state capture."""
 import pickle
 import random
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -34,19 +33,49 @@ def save_atomic(obj, path: Path):
         torch.save(obj, f)
 
 
+# How a file torch.save wrote begins: a zip archive (torch >= 1.6), or the legacy format's pickled
+# magic number (after the pickle protocol header, and a frame header from protocol 4 on).
+_ZIP_START = b"PK\x03\x04"
+_LEGACY_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[2:-1]
+
+
+def is_torch_file(path: Path) -> bool:
+    """Whether `path` begins as torch.save output does; anything else (a text file, a numpy
+    array, someone's pickle) is not read by torch.load, whose errors for it are IndexError,
+    KeyError, "Invalid magic number" and the like."""
+    with open(path, "rb") as f:
+        head = f.read(32)
+    return head.startswith(_ZIP_START) or (head.startswith(b"\x80") and _LEGACY_MAGIC in head)
+
+
+def torch_load(path: Path, what: str, fix: str, map_location="cpu"):
+    """torch.load(weights_only=True) of a file the user named, every way it can fail as one
+    CheckpointError: "`what` 'path' is not a checkpoint" for a file torch.save did not write,
+    "... is unreadable (truncated or corrupt: ...)" for one it did that is broken."""
+    path = Path(path)
+    try:
+        if not is_torch_file(path):
+            raise CheckpointError(f"{what} '{path}' is not a checkpoint (not a file torch.save "
+                                  f"wrote); {fix}")
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {what} '{path}': {e.strerror or e}") from None
+    except CheckpointError:
+        raise
+    except Exception as e:  # a broken zip or pickle raises whatever the reader tripped over
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{what} '{path}' is unreadable (truncated or corrupt: {reason}); "
+                              f"{fix}") from None
+
+
 def load(path: Path, map_location="cpu") -> dict:
     """Load a checkpoint written by save_atomic, turning every way it can be broken into one
     CheckpointError that names the file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at '{path}'")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
-            OSError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint '{path}' is unreadable (truncated or corrupt: {reason}); "
-                              "restore it, or start over with --force") from None
+    state = torch_load(path, "checkpoint", "point checkpoint_file at a .pth.tar in experiments/<name>/"
+                       "checkpoints/, or restore that file, or start over with --force", map_location)
     if not isinstance(state, dict) or "models" not in state:
         raise CheckpointError(f"'{path}' is not a checkpoint written by this framework "
                               "(no 'models' entry)")

@@ -15,11 +15,13 @@ from typing import Any, Mapping
 from easydict import EasyDict
 from tqdm import tqdm
 
-from utils.errors import ConfigError
+from utils.errors import ConfigError, UserError
 
 EXPERIMENTS_ROOT = Path("experiments")
 REQUIRED_KEYS = ("exp_name", "agent")
-_EXP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+_EXP_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+MAX_EXP_NAME = 100          # a folder name; file systems allow 255 bytes
+MAX_DEPTH = 32              # objects and lists nested in a config; real ones nest 2 or 3
 
 
 @dataclass(frozen=True)
@@ -146,24 +148,59 @@ def validate(raw: Mapping, spec: Mapping, owner: str, prefix: str = "") -> dict:
 # ----------------------------------------------------------------------------- loading
 
 
-def _read_json_file(path: Path, shown: str | None = None) -> dict:
-    """shown: the path as the user wrote it, for messages."""
+def _read_json_file(path: Path, shown: str | None = None, extended_by: str | None = None) -> dict:
+    """shown: the path as the user wrote it, for messages; extended_by: the config whose
+    "extends" names this file."""
     if not path.is_file():
+        if extended_by:
+            raise ConfigError(f"{extended_by} extends '{shown or path}', which does not exist; "
+                              f"fix its \"extends\" (a path relative to that file)")
         raise ConfigError(f"config file '{shown or path}' does not exist")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")   # -sig: a byte-order mark, as Notepad writes, is fine
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+                          f"position {e.start}); save it as UTF-8") from None
     except OSError as e:
         raise ConfigError(f"cannot read config file '{path}': {e.strerror}") from None
     return _parse_json(text, f"config file '{path}'")
 
 
+def _unique_keys(what: str):
+    """json's object_pairs_hook: a key given twice in one object is an error, not last-one-wins."""
+    def build(pairs):
+        data = {}
+        for key, value in pairs:
+            if key in data:
+                raise ConfigError(f"{what} has key '{key}' twice; keep one of them")
+            data[key] = value
+        return data
+    return build
+
+
+def check_depth(data, what: str, limit: int = MAX_DEPTH):
+    """Refuse objects and lists nested deeper than `limit`: code that walks a config (merging,
+    validating, EasyDict) recurses once per level, and Python's stack ends near 1000."""
+    stack = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            raise ConfigError(f"{what} nests objects or lists more than {limit} levels deep; flatten it")
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+
+
 def _parse_json(text: str, what: str) -> dict:
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_unique_keys(what))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{what} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:  # json's parser recurses once per nested [ or {
+        raise ConfigError(f"{what} nests objects or lists more than {MAX_DEPTH} levels deep; "
+                          "flatten it") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{what} must hold a JSON object {{...}}, not {_json_kind(data)}")
+    check_depth(data, what)
     return data
 
 
@@ -177,26 +214,28 @@ def deep_merge(base: dict, override: Mapping) -> dict:
     return merged
 
 
-def _resolve_extends(data: dict, base_dir: Path, chain: tuple) -> dict:
+def _resolve_extends(data: dict, base_dir: Path, chain: tuple, what: str) -> dict:
+    """what: the config `data` came from, for messages ("config file 'a.json'", "inline config")."""
     parent = data.pop("extends", None)
     if parent is None:
         return data
     if not isinstance(parent, str):
-        raise ConfigError(f"\"extends\" must be a path to a JSON file, got {_json_kind(parent)}")
+        raise ConfigError(f"\"extends\" in {what} must be a path to a JSON file, got {_json_kind(parent)}")
     parent_path = (base_dir / parent).resolve()
     if parent_path in chain:
         raise ConfigError(f"config files extend each other in a loop: '{parent_path}'")
-    parent_data = _resolve_extends(_read_json_file(parent_path), parent_path.parent,
-                                   chain + (parent_path,))
+    parent_data = _resolve_extends(_read_json_file(parent_path, shown=parent, extended_by=what),
+                                   parent_path.parent, chain + (parent_path,), f"config file '{parent_path}'")
     return deep_merge(parent_data, data)
 
 
 def load_source(source: str) -> dict:
     """A config from a JSON file path, or from an inline JSON object string."""
     if source.lstrip().startswith("{"):
-        return _resolve_extends(_parse_json(source, "inline config"), Path.cwd(), ())
+        return _resolve_extends(_parse_json(source, "inline config"), Path.cwd(), (), "the inline config")
     path = Path(source).resolve()
-    return _resolve_extends(_read_json_file(path, shown=source), path.parent, (path,))
+    return _resolve_extends(_read_json_file(path, shown=source), path.parent, (path,),
+                            f"config file '{source}'")
 
 
 def parse_override(assignment: str):
@@ -205,9 +244,12 @@ def parse_override(assignment: str):
     if not sep or not key.strip():
         raise ConfigError(f"--set expects KEY=VALUE (e.g. --set max_epoch=3), got '{assignment}'")
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=_unique_keys(f"--set {key.strip()}"))
     except json.JSONDecodeError:
         value = text
+    except RecursionError:
+        raise ConfigError(f"--set {key.strip()}: the value nests objects or lists more than {MAX_DEPTH} "
+                          "levels deep; flatten it") from None
     return key.strip().split("."), value
 
 
@@ -237,14 +279,19 @@ def check_required(data: Mapping):
                               + ('"exp_name": "my_experiment"' if key == "exp_name"
                                  else '"agent": "MnistAgent"'))
     name = data["exp_name"]
-    if not isinstance(name, str) or not _EXP_NAME.match(name) or name in (".", ".."):
-        raise ConfigError(f"exp_name {json.dumps(name)} must be a plain folder name under experiments/ "
+    if not isinstance(name, str) or not _EXP_NAME.fullmatch(name) or name in (".", ".."):
+        shown = json.dumps(name) if len(json.dumps(name)) <= 60 else json.dumps(name)[:50] + '..."'
+        raise ConfigError(f"exp_name {shown} must be a plain folder name under experiments/ "
                           "(letters, digits, '_', '-', '.'; no '/' and no '..')")
+    if len(name) > MAX_EXP_NAME:
+        raise ConfigError(f"exp_name \"{name[:40]}...\" is {len(name)} characters long; "
+                          f"keep it to {MAX_EXP_NAME}")
     if not isinstance(data["agent"], str):
         raise ConfigError(f"agent must be a string naming an agent, got {_json_kind(data['agent'])}")
 
 
 def resolve(data: Mapping, spec: Mapping, owner: str) -> EasyDict:
+    check_depth(data, "the config")   # --set a.b.c... nests too
     return EasyDict(validate(data, spec, owner))
 
 
@@ -261,16 +308,39 @@ def has_checkpoints(paths) -> bool:
     return paths.checkpoints.is_dir() and any(paths.checkpoints.glob("*.pth.tar"))
 
 
-def clear_experiment(paths):
-    """--force: start the experiment over."""
+def clear_experiment(paths) -> list[str]:
+    """--force: start the experiment over. Returns what it deleted (names under the experiment),
+    for the log line that says so."""
+    deleted = []
     for folder in (paths.checkpoints, paths.summaries, paths.out, paths.logs):
+        if folder.is_dir() and any(folder.iterdir()):
+            deleted.append(f"{folder.name}/ ({sum(1 for p in folder.rglob('*') if p.is_file())} files)")
         shutil.rmtree(folder, ignore_errors=True)
+    if (paths.root / "results.json").is_file():
+        deleted.append("results.json")
     (paths.root / "results.json").unlink(missing_ok=True)
+    return deleted
+
+
+def check_experiment_folder(paths):
+    """Before anything is built: experiments/ and experiments/<exp_name> must be folders, or not
+    exist yet; a file of that name is the user's and stays."""
+    for path in (paths.root.parent, paths.root):
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"'{path}' is a file, not a folder, so the experiment cannot go there; "
+                              "move that file, or pick another exp_name")
 
 
 def create_experiment_dirs(paths):
+    """The experiment's folders; a path that cannot be one (a file of that name, a read-only or
+    full disk) is a UserError naming it."""
+    check_experiment_folder(paths)
     for folder in (paths.summaries, paths.checkpoints, paths.out, paths.logs):
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create the experiment folder '{e.filename or folder}': "
+                              f"{e.strerror or e}") from None
 
 
 class TqdmHandler(logging.StreamHandler):
@@ -282,6 +352,14 @@ class TqdmHandler(logging.StreamHandler):
             self.flush()  # a piped stdout (tee, a log collector) sees each line as it happens
         except Exception:  # logging must never take the run down
             self.handleError(record)
+
+
+class _LogFileHandler(logging.FileHandler):
+    """A log file that cannot be written (the disk filled up) is left unwritten: logging's default
+    would print a "--- Logging error ---" traceback to the console for every record."""
+
+    def handleError(self, record):
+        pass
 
 
 class _ConsoleFormatter(logging.Formatter):
@@ -304,12 +382,22 @@ def setup_logging(log_dir: Path | None, console_level=logging.INFO):
     console.setFormatter(_ConsoleFormatter("%(message)s"))
     root.addHandler(console)
     if log_dir is not None:
-        file_format = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-        for name, level in (("exp_debug.log", logging.DEBUG), ("exp_error.log", logging.WARNING)):
-            handler = logging.FileHandler(Path(log_dir) / name)
-            handler.setLevel(level)
-            handler.setFormatter(file_format)
-            root.addHandler(handler)
+        add_log_files(log_dir)
     # Third-party chatter stays out of the console.
     for noisy in ("PIL", "matplotlib", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def add_log_files(log_dir: Path, earlier_records=()):
+    """logs/exp_debug.log (everything) and logs/exp_error.log (warnings), beside the console;
+    earlier_records (logged before the experiment folder could be written) go into them first."""
+    root = logging.getLogger()
+    file_format = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name, level in (("exp_debug.log", logging.DEBUG), ("exp_error.log", logging.WARNING)):
+        handler = _LogFileHandler(Path(log_dir) / name)
+        handler.setLevel(level)
+        handler.setFormatter(file_format)
+        for record in earlier_records:
+            if record.levelno >= level:
+                handler.handle(record)
+        root.addHandler(handler)

@@ -6,6 +6,7 @@ from typing import Callable
 import torch
 
 from utils.config import Key
+from utils.errors import DataError
 
 
 class TensorBatchLoader:
@@ -109,3 +110,22 @@ def needs_moving(loader, device: torch.device, channels_last: bool = False) -> b
     """False for a TensorBatchLoader whose tensors are on the device already: its batches are
     built there, and moving them would only cost time every step."""
     return not (isinstance(loader, TensorBatchLoader) and loader.device == device and not channels_last)
+
+
+def open_image(path):
+    """PIL.Image.open(path) (use it as `with open_image(path) as image:`), refusing an image too
+    large to decode safely as a DataError that names the file. PIL raises DecompressionBombError
+    above twice MAX_IMAGE_PIXELS (about 179 million pixels) and only warns above it; decoding such
+    a file would still take gigabytes in every DataLoader worker, so both are refused."""
+    import warnings
+
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            return Image.open(path)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            size = str(e).split(",")[0]           # "Image size (N pixels) exceeds limit of M pixels"
+            raise DataError(f"image '{path}' is too large to decode safely ({size}); resize it, or "
+                            "delete it") from None

@@ -56,8 +56,10 @@ def atomic_write(path, mode: str = "wb"):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as e:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(e, OSError) and e.filename is None:
+                e.filename = str(path)   # a write or fsync on a full disk names no file
             raise
 
 

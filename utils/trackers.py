@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from utils.errors import UserError
 from utils.files import write_json_atomic
 from utils.summary import SummaryWriter
 
@@ -91,14 +92,35 @@ def hparams_of(config: dict) -> dict:
     return hparams
 
 
+def recorded_results(path: Path) -> dict | None:
+    """What results.json holds; None when there is none. One that is not a JSON object (edited by
+    hand, written by another program) is a UserError, checked before a run starts: it is never
+    overwritten, nor taken as absent."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise UserError(f"cannot read '{path}': {e.strerror or e}") from None
+    try:
+        recorded = json.loads(text)
+        problem = None if isinstance(recorded, dict) else f"holds {type(recorded).__name__}, not an object"
+    except ValueError as e:     # JSONDecodeError, and UnicodeDecodeError for a binary file
+        problem = f"is not valid JSON: {str(e).splitlines()[0]}"
+    if problem:
+        raise UserError(f"'{path}' {problem}, so it is not the record this framework writes; fix it, or move "
+                        "it away (a run never overwrites it), or start over with --force")
+    return recorded
+
+
 def write_results(path: Path, results: dict, mode: str = "train", mode_results=None):
     """results.json. Training writes the whole record; another mode (test, generate, ...) adds its
     entry to what training recorded instead of replacing it."""
     path = Path(path)
     if mode != "train":
-        try:
-            recorded = json.loads(path.read_text())
-        except (OSError, ValueError):
+        recorded = recorded_results(path)
+        if recorded is None:
             recorded = {key: value for key, value in results.items() if key in ("agent", "exp_name", "params")}
         recorded[mode] = mode_results
         results = recorded

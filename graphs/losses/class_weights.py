@@ -48,6 +48,8 @@ def load_class_weights(path: str | Path, num_classes: int) -> np.ndarray:
         weights = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise ConfigError(f"could not read class weights '{path}' ({e}); save them with numpy.save") from None
+    if not isinstance(weights, np.ndarray):   # an .npz archive loads as a dict of arrays
+        raise ConfigError(f"class weights '{path}' is an .npz archive, not one array; save them with numpy.save")
     if weights.shape != (num_classes,) or not np.issubdtype(weights.dtype, np.number):
         raise ConfigError(f"class weights '{path}' hold a {weights.dtype} array of shape {weights.shape}; "
                           f"expected {num_classes} numbers, one per class")

@@ -1,0 +1,182 @@
+"""What every trainer has, each a small part that BaseAgent's one optimizer step and epoch loop
+call: an EMA of the weights, learning-rate warmup, a profiler for a few steps, and the batch
+limits of debug runs (fast_dev_run, limit_*_batches, overfit_batches)."""
+import json
+import logging
+import math
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+logger = logging.getLogger(__name__)
+
+
+class EMA:
+    """An exponential moving average of a model's weights (torch's AveragedModel, buffers
+    averaged too, as its use_buffers=True does), updated every `every` optimizer steps."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, every: int = 1):
+        self.model = model
+        self.every = every
+        self.averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+    def update(self, iteration: int):
+        if iteration % self.every == 0:
+            self.averaged.update_parameters(self.model)
+
+    @contextmanager
+    def weights_in_model(self):
+        """The model holds the averaged weights inside the block (validation, test), its own after."""
+        own = {name: value.clone() for name, value in self.model.state_dict().items()}
+        self.model.load_state_dict(self.averaged.module.state_dict())
+        try:
+            yield
+        finally:
+            self.model.load_state_dict(own)
+
+    def state_dict(self) -> dict:
+        return self.averaged.state_dict()
+
+    def load_state_dict(self, state: dict):
+        self.averaged.load_state_dict(state)
+
+
+class Warmup:
+    """The learning rate rises linearly from lr/steps to lr over the first `steps` optimizer steps.
+    It scales each group's lr around optimizer.step() only, so the agent's own schedule, which
+    reads and writes group["lr"], runs exactly as without warmup."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def factor(self, iteration: int) -> float:
+        return min(1.0, (iteration + 1) / self.steps)
+
+    @contextmanager
+    def scaled(self, optimizer: torch.optim.Optimizer, iteration: int):
+        if iteration >= self.steps:
+            yield
+            return
+        factor = self.factor(iteration)
+        saved = [group["lr"] for group in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] * factor
+        try:
+            yield
+        finally:
+            for group, lr in zip(optimizer.param_groups, saved):
+                group["lr"] = lr
+
+
+class StepProfiler:
+    """torch.profiler over `steps` optimizer steps after a one-step warm-up; then a Chrome trace
+    in `out_dir` and the top operators by self time in the log."""
+
+    WAIT, WARMUP = 1, 1
+
+    def __init__(self, steps: int, out_dir: Path):
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        self.out_dir = Path(out_dir)
+        self.remaining = self.WAIT + self.WARMUP + steps
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        self.profiler = profile(activities=activities, record_shapes=False,
+                                schedule=schedule(wait=self.WAIT, warmup=self.WARMUP, active=steps, repeat=1))
+        self.profiler.__enter__()
+        self.steps = steps
+
+    def step(self):
+        if self.profiler is None:
+            return
+        self.profiler.step()
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.finish()
+
+    def finish(self):
+        """Stop (also when training ended before all steps were profiled) and write the trace."""
+        if self.profiler is None:
+            return
+        profiler, self.profiler = self.profiler, None
+        profiler.__exit__(None, None, None)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        trace = self.out_dir / "profile_trace.json"
+        try:
+            profiler.export_chrome_trace(str(trace))
+            table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+        except (RuntimeError, AssertionError):    # no step reached the active phase
+            logger.warning("profile: training ended before any step was profiled; raise max_epoch or "
+                           "lower profile")
+            return
+        logger.info(f"profile of {self.steps} training steps: Chrome trace {trace} (open it in "
+                    f"chrome://tracing or https://ui.perfetto.dev); top operators by self time:\n{table}")
+
+
+def batch_count(limit, available: int) -> int:
+    """How many of `available` batches a limit allows: null all, an int that many, a float that
+    fraction (at least one)."""
+    if limit is None:
+        return available
+    if isinstance(limit, float):
+        return max(1, math.floor(available * limit)) if available else 0
+    return min(limit, available)
+
+
+def unshuffled_first_batches(loader, count: int) -> list:
+    """The first `count` batches in the data set's own order (overfit_batches): a shuffled torch
+    DataLoader is iterated through a sequential twin, a TensorBatchLoader with shuffling off."""
+    from utils.data import TensorBatchLoader
+
+    if isinstance(loader, TensorBatchLoader):
+        shuffle, loader.shuffle = loader.shuffle, False
+        try:
+            return _take(loader, count)
+        finally:
+            loader.shuffle = shuffle
+    if isinstance(loader, torch.utils.data.DataLoader):
+        loader = torch.utils.data.DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False,
+                                             num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+                                             drop_last=loader.drop_last)
+    return _take(loader, count)
+
+
+def _take(loader, count: int) -> list:
+    batches = []
+    for batch in loader:
+        if len(batches) == count:
+            break
+        batches.append(batch)
+    return batches
+
+
+def check_trainer_keys(config, agent: str, unsupported: dict, defaults: dict):
+    """The trainer keys' checks across values, before anything runs: one line each."""
+    from utils.errors import ConfigError
+
+    for key, reason in unsupported.items():
+        if config[key] != defaults[key]:
+            raise ConfigError(f"{agent} cannot use '{key}': {reason}; leave it at its default "
+                              f"({json.dumps(defaults[key])})")
+    for key in ("limit_train_batches", "limit_val_batches"):
+        value = config[key]
+        if isinstance(value, float) and not 0 < value <= 1 or isinstance(value, int) and value < 1:
+            raise ConfigError(f"config key '{key}' is {value}: give a number of batches (an integer >= 1) "
+                              "or a fraction of them (a number in (0, 1], e.g. 0.25), or null for all")
+    ema = config.ema
+    if ema is not None:
+        unknown = set(ema) - {"decay", "every"}
+        if unknown:
+            raise ConfigError(f"config key 'ema' has unknown entries {sorted(unknown)}; it takes "
+                              "{\"decay\": 0.999, \"every\": 1}")
+        decay, every = ema.get("decay", 0.999), ema.get("every", 1)
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay < 1:
+            raise ConfigError(f"config key 'ema.decay' must be a number in (0, 1), e.g. 0.999; got {decay}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ConfigError(f"config key 'ema.every' must be an integer >= 1 (optimizer steps); got {every}")
+    if config.stop_at is not None and config.monitor is None:
+        raise ConfigError("\"stop_at\" stops at a value of the monitored metric, but \"monitor\" is null; "
+                          "set monitor (e.g. \"val/accuracy\") or stop_at to null")
+    if config.fast_dev_run and config.overfit_batches:
+        raise ConfigError("give fast_dev_run or overfit_batches, not both")
