@@ -3,6 +3,8 @@
 #   bash experiments/baseline_experiments.sh            (from anywhere; extra args go to each run)
 # Each run is experiments/iris_<network>/; re-running starts them over (--force). Compare them with
 #   ./run.sh list
+# The same search as a sweep (every network x init x learning rate, over 3 seeds, mean +- std,
+# resumable, on several workers): ./run.sh sweep configs/sweeps/iris_baselines.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
