@@ -1,9 +1,7 @@
 """Nothing under an experiment changes until every check has passed; a resumed run is the run
 that was started; one writer per experiment; a killed run is shown as killed."""
 import json
-import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -11,7 +9,7 @@ import time
 import pytest
 
 import main
-from tests.conftest import MAIN, ROOT, snapshot
+from tests.conftest import MAIN, ROOT, main_leaves_the_process_as_it_was, snapshot
 
 TINY = {"exp_name": "tiny", "agent": "tests.tiny_agent:TinyAgent", "progress_bar": False, "max_epoch": 2}
 
@@ -20,17 +18,9 @@ TINY = {"exp_name": "tiny", "agent": "tests.tiny_agent:TinyAgent", "progress_bar
 def in_tmp(tmp_path, monkeypatch):
     """Run main.main in-process in tmp_path, restoring what it changes (SIGTERM, logging)."""
     monkeypatch.chdir(tmp_path)
-    handler, root = signal.getsignal(signal.SIGTERM), logging.getLogger()
-    handlers = list(root.handlers)
     (tmp_path / "tiny.json").write_text(json.dumps(TINY))
-    yield tmp_path
-    signal.signal(signal.SIGTERM, handler)
-    for h in list(root.handlers):
-        root.removeHandler(h)
-        if h not in handlers:
-            h.close()
-    for h in handlers:
-        root.addHandler(h)
+    with main_leaves_the_process_as_it_was():
+        yield tmp_path
 
 
 def run(*args) -> int:

@@ -6,7 +6,6 @@ import errno
 import gzip
 import io
 import json
-import logging
 import os
 import pickle
 import shutil
@@ -24,6 +23,7 @@ import torch
 import main
 from datasets.cifar10 import BatchUnpickler, write_cifar10_batches
 from datasets.mnist import write_raw_split
+from tests import conftest
 from tests.conftest import MAIN, ROOT, run_main, snapshot, synthetic_digits
 
 TINY = {"exp_name": "tiny", "agent": "tests.tiny_agent:TinyAgent", "progress_bar": False, "max_epoch": 1}
@@ -32,18 +32,8 @@ TINY = {"exp_name": "tiny", "agent": "tests.tiny_agent:TinyAgent", "progress_bar
 @pytest.fixture(autouse=True)
 def main_leaves_the_process_as_it_was():
     """main.main installs a SIGTERM handler and replaces the logging handlers."""
-    handler = signal.getsignal(signal.SIGTERM)
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    signal.signal(signal.SIGTERM, handler)
-    for extra in [h for h in root.handlers if h not in handlers]:
-        root.removeHandler(extra)
-        extra.close()
-    for kept in handlers:
-        if kept not in root.handlers:
-            root.addHandler(kept)
-    root.setLevel(level)
+    with conftest.main_leaves_the_process_as_it_was():
+        yield
 
 
 def one_error_line(code: int, capsys_or_stderr) -> str:
