@@ -3,8 +3,9 @@
     python main.py CONFIG [--set KEY=VALUE ...] [--resume] [--force] [--print-config]
     python main.py new NAME      agents/, graphs/models/, datasets/ files, a config and a test for
                                  task NAME, registered and runnable on FakeData
-    python main.py list [PATTERN ...] [--sort KEY]
-                                 the experiments in experiments/: agent, status, epochs, best, time
+    python main.py list [PATTERN ...] [--sort KEY] [--plot]
+                                 the experiments in experiments/: agent, status, epochs, best, time;
+                                 --plot: their curves (metrics.csv) in one PNG
     python main.py compare EXP [EXP ...]
                                  the config keys that differ between experiments, metrics side by side
     python main.py sweep SWEEP.json [--workers N] [--status]
@@ -156,7 +157,12 @@ def _same_global_batch(requested, saved, saved_world_size) -> bool:
 
 
 def open_experiment(args, config, paths, earlier_records):
-    """Every check passed: only now is the experiment written. --force clears it first."""
+    """Every check passed: only now is the experiment written. --force clears it first. Using a
+    trained model (predict, export) never rewrites its experiment: no config, no log files."""
+    from agents.base import USING_MODES
+
+    if config.mode in USING_MODES:
+        return
     if config.mode == "train" and args.force:
         deleted = clear_experiment(paths)
         if deleted:

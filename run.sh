@@ -25,7 +25,7 @@ VENV=.venv
 STAMP=$VENV/.requirements.sha256
 # Found without importing them (importing torch alone takes seconds).
 CHECK='import importlib.util as u, sys
-sys.exit(any(u.find_spec(m) is None for m in "torch torchvision numpy easydict tensorboardX tensorboard tqdm gdown gymnasium pygame sklearn pytest xdist optuna matplotlib".split()))'
+sys.exit(any(u.find_spec(m) is None for m in "torch torchvision numpy easydict tensorboardX tensorboard tqdm gdown gymnasium pygame sklearn pytest xdist optuna matplotlib mlflow onnx onnxscript onnxruntime".split()))'
 
 want=$(sha256sum requirements.txt | cut -d" " -f1)
 if [ -x "$VENV/bin/python" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$want" ]; then

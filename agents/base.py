@@ -20,18 +20,23 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from utils import checkpoint as ckpt
-from utils import distributed
-from utils.checkpoint import BEST, LATEST, CheckpointSaver, TrainingParts
+from utils import distributed, interrupts
+from utils.batches import Accumulation, EpochBatches, EpochProgress, can_resume_inside_epoch, resumable_loader
+from utils.checkpoint import BEST, LATEST, CheckpointClock, CheckpointSaver, TrainingParts
 from utils.config import Key, create_experiment_dirs, experiment_paths, inherit
 from utils.data import move_to, needs_moving
-from utils.errors import ConfigError, UserError
+from utils.errors import CheckpointError, ConfigError, UserError
+from utils.files import remove_unfinished
 from utils.metrics import BestValue, MeterGroup
 from utils.runtime import seed_everything, select_device, set_determinism
-from utils.trackers import TensorBoardTracker, Trackers, hparams_of, write_results
+from utils.trackers import Trackers, check_loggers, hparams_of, make_trackers, write_results
 from utils.training import EMA, StepProfiler, Warmup, batch_count, check_trainer_keys, unshuffled_first_batches
 
 __all__ = ["BEST", "LATEST", "BaseAgent", "SupervisedAgent"]
 _NO_AUTOCAST = contextlib.nullcontext()  # reusable: entering it does nothing
+# Modes that use a trained model: they build its networks alone (no data set, no optimizer) and
+# write only their own output (out/, export/) and their entry in results.json.
+USING_MODES = ("predict", "export")
 
 
 class BaseAgent(abc.ABC):
@@ -60,6 +65,10 @@ class BaseAgent(abc.ABC):
         "channels_last": False,       # NHWC memory format for models and 4-D input batches
         "deterministic": False,       # deterministic algorithms; otherwise cudnn.benchmark on GPU
         "distributed_timeout_s": Key(600, minimum=1),  # under torchrun: a collective waiting longer fails
+        # Where the numbers go (utils/trackers.py, docs/trackers.md): "tensorboard", "csv" (metrics.csv), "mlflow".
+        "loggers": Key(["tensorboard", "csv"], types=(list,)),
+        "mlflow_experiment": Key(None, types=(str, NoneType)),    # null: the agent's class name
+        "mlflow_tracking_uri": Key(None, types=(str, NoneType)),  # null: $MLFLOW_TRACKING_URI, else experiments/mlflow.db
         # tqdm bars: "auto" shows them on a terminal and leaves them out of redirected output.
         "progress_bar": Key("auto", types=(bool, str), choices=("auto", True, False)),
         # What every trainer has; all off by default.
@@ -75,6 +84,11 @@ class BaseAgent(abc.ABC):
         "overfit_batches": Key(0, minimum=0),     # train and validate on the first n training batches
         "detect_anomaly": False,                  # torch.autograd anomaly mode: the op that made a NaN
         "profile": Key(None, types=(int, NoneType), minimum=1),   # torch.profiler over that many steps
+        # The latest checkpoint also inside epochs, every N optimizer steps and/or M minutes (null:
+        # at epoch ends only); --resume continues with the next batch.
+        "checkpoint_every": Key(None, types=(int, NoneType), minimum=1),
+        "checkpoint_every_minutes": Key(None, types=(float, NoneType), minimum=0.01),
+        "predict_input": Key(None, types=(str, NoneType)),   # mode=predict: a file, a folder or a glob
     }
     # Values `mode` may take: each names a method of the agent.
     modes = ("train", "test")
@@ -83,7 +97,8 @@ class BaseAgent(abc.ABC):
     # another run than the one that was started, and is refused.
     resumable_keys = ("max_epoch", "early_stopping_patience", "log_interval", "progress_bar",
                       "data_loader_workers", "checkpoint_file", "device", "cuda", "gpu_device",
-                      "distributed_timeout_s")
+                      "distributed_timeout_s", "checkpoint_every", "checkpoint_every_minutes",
+                      "loggers", "mlflow_tracking_uri")
     # Names of the metrics validate() reports without the "val/" prefix; when declared, a
     # `monitor` that is not one of them is rejected before anything runs.
     metrics = ()
@@ -92,6 +107,8 @@ class BaseAgent(abc.ABC):
     unsupported_keys: dict = {}
     # The model whose weights "ema" averages (the first declared one when None).
     ema_model = None
+    # What an epoch is made of, as the log names a position inside one.
+    epoch_unit = "batches"
 
     # ------------------------------------------------------------------ config declaration
 
@@ -121,6 +138,10 @@ class BaseAgent(abc.ABC):
                                   f"use one of: {', '.join(known)}")
         defaults = {key: (spec.default if isinstance(spec, Key) else spec) for key, spec in BaseAgent.DEFAULTS.items()}
         check_trainer_keys(config, cls.__name__, cls.unsupported_keys, defaults)
+        check_loggers(config)
+        if config.mode == "predict" and not config.predict_input:
+            raise ConfigError("mode \"predict\" needs the inputs: --set predict_input=PATH (a file, a folder, "
+                              "or a quoted glob like 'images/*.png')")
 
     # ------------------------------------------------------------------ construction
 
@@ -143,7 +164,8 @@ class BaseAgent(abc.ABC):
         set_determinism(config.deterministic, self.device)
         # Only rank 0 writes (the other processes have no tracker); a fast_dev_run keeps nothing.
         self.keeps_files = self.is_main and not config.fast_dev_run
-        self.trackers = Trackers([TensorBoardTracker(self.paths.summaries)] if self.keeps_files else [])
+        logs = self.keeps_files and config.mode not in USING_MODES
+        self.trackers = make_trackers(config, self.paths, type(self).__name__) if logs else Trackers([])
         self.checkpoints = CheckpointSaver(self.paths.checkpoints, config.keep_last_checkpoints)
 
         self.parts = TrainingParts()  # models, optimizers, schedulers, scaler: what checkpoints hold
@@ -156,6 +178,7 @@ class BaseAgent(abc.ABC):
         self.current_iteration = 0    # optimizer steps taken
         self.best = BestValue(config.monitor_mode, config.early_stopping_patience)
         self.last_metrics = {}
+        self.learning_rates = {}      # as the epoch began, for its row in metrics.csv
         self.mode_results = None      # what a mode other than train reports, for results.json
         self.status = "built"
         self._wall_time_before = 0.0  # seconds spent in earlier sessions of this run
@@ -165,7 +188,10 @@ class BaseAgent(abc.ABC):
         # (a sweep's pruner: "pruned") ends training cleanly after the epoch with that status.
         self.validation_callbacks = []
 
-        self.build()
+        if config.mode in USING_MODES:
+            self.build_networks(checkpoint)
+        else:
+            self.build()
         self._check_built()
         if checkpoint is not None:
             self.load_checkpoint(checkpoint, training=config.mode == "train")
@@ -176,10 +202,10 @@ class BaseAgent(abc.ABC):
         self._train_limit = debug_batches or config.limit_train_batches
         self._val_limit = debug_batches or config.limit_val_batches
         self._overfit = None               # the cached first batches, with overfit_batches
-        self._accumulation = config.grad_accumulation
-        self._micro_batch = 0              # backward passes so far in the current accumulation group
-        self._batches_left = 1             # in the epoch, this one included (set by train_batches)
-        self._group_size = 1               # batches in the current group: k, fewer at the epoch's end
+        self.accumulation = Accumulation(config.grad_accumulation)
+        self.in_epoch = EpochProgress()    # where the run is inside the current epoch
+        self.checkpoint_clock = CheckpointClock(config.checkpoint_every, config.checkpoint_every_minutes)
+        self.stop = None                   # utils.interrupts.GracefulStop while run() runs
         self._warmup = Warmup(config.warmup_iterations) if config.warmup_iterations else None
         self._profiler = None
         self.ema = None                    # set once the models are built
@@ -193,10 +219,16 @@ class BaseAgent(abc.ABC):
             self.ema = EMA(self.parts.models[name], self.config.ema.get("decay", 0.999),
                            self.config.ema.get("every", 1))
         data = getattr(self, "data_loader", None)
+        if getattr(data, "train_loader", None) is not None:   # an order a checkpoint can hold
+            data.train_loader = resumable_loader(data.train_loader, self.config.seed)
+            if not can_resume_inside_epoch(data.train_loader) and self.checkpoint_clock.inside_epochs:
+                raise ConfigError(f"{type(self).__name__}'s train_loader ({type(data.train_loader).__name__} "
+                                  "with its own sampler) cannot restart inside an epoch: set checkpoint_every "
+                                  "and checkpoint_every_minutes to null, or build it with shuffle=True/False")
         if self.world_size > 1 and data is not None:
             distributed.shard_loaders(data, self.config.seed, self.rank, self.world_size)
             if self.config.get("batch_size"):
-                k = self._accumulation
+                k = self.accumulation.k
                 self.logger.info(f"batch_size {self.config.batch_size} per process x {self.world_size} processes"
                                  + (f" x {k} accumulated batches" if k > 1 else "")
                                  + f": global batch {self.config.batch_size * self.world_size * k}")
@@ -251,17 +283,15 @@ class BaseAgent(abc.ABC):
         ends the iteration: scaler update, iteration count, per-iteration schedulers, EMA, profiler.
         An iteration with several optimizers (a GAN's two) passes last=False to all but its final
         step. Returns whether the optimizer stepped (False on a batch that only accumulates)."""
-        scaler, k = self.scaler, self._accumulation
-        if self._micro_batch == 0:
+        scaler, group = self.scaler, self.accumulation
+        if group.between_groups:
             optimizer.zero_grad(set_to_none=True)
-            self._group_size = min(k, self._batches_left)
-        if self._group_size > 1:     # the mean over the group's batches, as one batch of them
-            loss = loss / self._group_size
+            group.start_group()
+        if group.group_size > 1:     # the mean over the group's batches, as one batch of them
+            loss = loss / group.group_size
         (loss if scaler is None else scaler.scale(loss)).backward()
-        if self._micro_batch + 1 < self._group_size:
-            self._micro_batch += 1
+        if not group.passed():
             return False
-        self._micro_batch = 0
         if self.config.grad_clip is not None:
             self._clip_gradients(optimizer)
         with self._warmup.scaled(optimizer, self.current_iteration) if self._warmup else _NO_AUTOCAST:
@@ -307,8 +337,8 @@ class BaseAgent(abc.ABC):
     def no_sync_while_accumulating(self):
         """Around forward and backward of a batch: under torchrun, a batch that will not step
         skips DDP's gradient all-reduce (no_sync); the batch that steps all-reduces the sum."""
-        group_size = min(self._accumulation, self._batches_left) if self._micro_batch == 0 else self._group_size
-        if group_size == 1 or not self._ddp_models or self._micro_batch + 1 == group_size:
+        group = self.accumulation
+        if not self._ddp_models or group.micro_batch + 1 >= group.next_group_size():
             return _NO_AUTOCAST
         stack = contextlib.ExitStack()
         for model in self._ddp_models:
@@ -321,25 +351,63 @@ class BaseAgent(abc.ABC):
 
     def train_batches(self, loader):
         """The training batches of one epoch, as limit_train_batches / overfit_batches /
-        fast_dev_run allow; len() of what it returns is the count."""
+        fast_dev_run allow, from where a resumed checkpoint stopped; len() is the epoch's count.
+        Before each batch is fetched the run may stop or checkpoint (safe_point)."""
         if self.config.overfit_batches:
             if self._overfit is None:
                 self._overfit = unshuffled_first_batches(loader, self.config.overfit_batches)
-            return _Batches(self._overfit, len(self._overfit), self)
-        return _Batches(loader, batch_count(self._train_limit, len(loader)), self)
+            loader = self._overfit
+        count = len(loader) if isinstance(loader, list) else batch_count(self._train_limit, len(loader))
+        start, order = self.in_epoch.take_start()
+
+        def before_batch(index):
+            self.accumulation.batches_left = count - index
+            if self.accumulation.between_groups:
+                self.safe_point(index)
+
+        self.in_epoch.batches = EpochBatches(loader, count, start, before_batch, order)
+        return self.in_epoch.batches
 
     def val_batches(self, loader):
         """The validation batches, as limit_val_batches / fast_dev_run allow; with
-        overfit_batches the training batches the run overfits."""
+        overfit_batches the training batches the run overfits. A stop request is honoured
+        between them (the epoch's training is kept: the resumed run validates again)."""
         if self.config.overfit_batches and self._overfit is not None:
-            return _Batches(self._overfit, len(self._overfit))
-        return _Batches(loader, batch_count(self._val_limit, len(loader)))
+            loader = self._overfit
+        count = len(loader) if isinstance(loader, list) else batch_count(self._val_limit, len(loader))
+        return EpochBatches(loader, count, before_batch=self._stop_between_val_batches)
+
+    def _stop_between_val_batches(self, index: int):
+        # Under torchrun the processes' shares of a validation set may differ in length, so they
+        # cannot agree batch by batch: they stop at the next training step instead.
+        if self.stop is not None and self.world_size == 1:
+            self.stop.check()
 
     def steps_per_epoch(self) -> int:
         """Optimizer steps in one epoch: what per-iteration schedules are as long as."""
         loader = self.data_loader.train_loader
         batches = self.config.overfit_batches or batch_count(self._train_limit, len(loader))
-        return math.ceil(batches / self._accumulation)
+        return math.ceil(batches / self.accumulation.k)
+
+    def steps_left(self) -> int:
+        """Optimizer steps until max_epoch, from where the run is (inside an epoch too)."""
+        done_in_epoch = math.ceil(((self.in_epoch.resumed or {}).get("epoch_position") or 0) / self.accumulation.k)
+        return max(0, (self.max_epoch - self.current_epoch) * self.steps_per_epoch() - done_in_epoch)
+
+    # ------------------------------------------------------------------ safe points
+
+    def safe_point(self, epoch_position: int):
+        """Between two optimizer steps (agents with their own loop call it, e.g. between episodes),
+        `epoch_position` batches (episodes) of the epoch done: a stop request stops the run here,
+        and a checkpoint due by checkpoint_every(_minutes) is written here."""
+        self.in_epoch.position = epoch_position
+        if self.stop is not None:
+            # every process stops after the same step, or the others would wait for it forever
+            requested = distributed.any_process(self.stop.requested) if self.world_size > 1 else self.stop.requested
+            if requested:
+                raise interrupts.StopRequested
+        if self.checkpoint_clock.due(self.current_iteration):
+            self.save_checkpoint(is_best=False)
 
     def log_scalars(self, values: dict, step: int):
         """{tag: number} to every tracker of the run, at `step` (an iteration, epoch, env step)."""
@@ -391,28 +459,44 @@ class BaseAgent(abc.ABC):
 
     def run(self):
         """Dispatch on config.mode; Ctrl+C saves a checkpoint that --resume continues from."""
-        if self.keeps_files:
+        if self.keeps_files and self.config.mode not in USING_MODES:   # those make only the folder they write
             create_experiment_dirs(self.paths)
+            unfinished = remove_unfinished(self.paths.root) + remove_unfinished(self.paths.checkpoints)
+            if unfinished:
+                self.logger.info(f"removed {len(unfinished)} unfinished file(s) of a run killed while "
+                                 f"writing: {', '.join(unfinished)}")
         self.status = "running"
         self._started = time.perf_counter()
+        self.checkpoint_clock.saved(self.current_iteration)
         anomaly = torch.autograd.detect_anomaly() if self.config.detect_anomaly else _NO_AUTOCAST
-        try:
-            with anomaly:
-                getattr(self, self.config.mode)()
-        except KeyboardInterrupt:
-            self.status = "interrupted"
-            if self.config.mode == "train":
-                self.save_checkpoint(is_best=False)  # no collective here: other ranks may be gone
-                self.logger.warning(f"interrupted: checkpoint saved at epoch {self.current_epoch}, "
-                                    f"iteration {self.current_iteration}; continue with --resume")
+        # Training: the first signal stops the run at its next safe point, the third aborts
+        # (utils.interrupts). The other modes have no state to keep: Ctrl+C stops them at once.
+        with interrupts.GracefulStop() if self.config.mode == "train" else contextlib.nullcontext() as self.stop:
+            try:
+                with anomaly:
+                    getattr(self, self.config.mode)()
+            except interrupts.Aborted:
+                self.status = "interrupted"
+                self.logger.warning("aborted: nothing more was saved; --resume continues from the last "
+                                    "checkpoint written")
+            except KeyboardInterrupt:
+                self.status = "interrupted"
+                if self.config.mode == "train":
+                    self._save_interrupted()
+                else:
+                    self.logger.warning("interrupted")
+            except BaseException:
+                self.status = "failed"
+                raise
             else:
-                self.logger.warning("interrupted")
-        except BaseException:
-            self.status = "failed"
-            raise
-        else:
-            if self.status == "running":
-                self.status = "completed"
+                if self.status == "running":
+                    self.status = "completed"
+
+    def _save_interrupted(self):
+        self.save_checkpoint(is_best=False)  # no collective here: other ranks may be gone
+        done = self.current_epoch - (self.in_epoch.trained is not None)
+        self.logger.warning(f"interrupted: checkpoint saved at epoch {done}, iteration {self.current_iteration}"
+                            f"{self.in_epoch.describe(self.epoch_unit, done)}; continue with --resume")
 
     def train(self):
         if self._nothing_left_to_train():
@@ -449,15 +533,12 @@ class BaseAgent(abc.ABC):
         return True
 
     def _train_epoch(self) -> bool:
-        """One epoch: train, validate when due, step the epoch schedulers, checkpoint, record.
-        True when training should stop (early stopping, stop_at, the agent's budget spent)."""
+        """One epoch: train (or go on with a resumed one), validate when due, step the epoch
+        schedulers, checkpoint, record. True when training should stop (early stopping, stop_at,
+        the agent's budget spent)."""
         cfg, started = self.config, time.perf_counter()
-        if getattr(self, "data_loader", None) is not None:
-            distributed.set_epoch(self.data_loader, self.current_epoch)
-        self.log_learning_rates()
-        metrics = dict(self.train_one_epoch() or {})
+        metrics = self._train_part()
         self.current_epoch += 1
-        self.log_scalars(metrics, self.current_epoch)
         is_best = False
         if self.current_epoch % cfg.validate_every == 0 or self.current_epoch == self.max_epoch:
             with self.evaluation_weights():
@@ -470,10 +551,28 @@ class BaseAgent(abc.ABC):
                 self.status = callback(self, self.last_metrics) or self.status
         self._step_schedulers("epoch", metrics)
         self._log_epoch(metrics, is_best, time.perf_counter() - started)
+        self.in_epoch.end_epoch()
         self.save_checkpoint(is_best)
         self.write_results()
         self.trackers.flush()
         return self._should_stop()
+
+    def _train_part(self) -> dict:
+        """The epoch's training, from its start or from a resumed checkpoint's position; returns
+        train_one_epoch's metrics (kept until the epoch ends, for a checkpoint written during
+        validation)."""
+        if getattr(self, "data_loader", None) is not None:
+            distributed.set_epoch(self.data_loader, self.current_epoch)
+        position = self.in_epoch.start_epoch()
+        if self.in_epoch.trained is not None:    # stopped while validating: the training was done
+            return dict(self.in_epoch.trained)
+        self.load_epoch_state(position["epoch_state"] if position else None)
+        if position is None:
+            self.log_learning_rates()          # a resumed epoch logged them when it started
+        metrics = dict(self.train_one_epoch() or {})
+        self.log_scalars(metrics, self.current_epoch + 1)
+        self.in_epoch.training_done(ckpt.plain(metrics), ckpt.rng_states())
+        return metrics
 
     def _should_stop(self) -> bool:
         cfg = self.config
@@ -517,8 +616,9 @@ class BaseAgent(abc.ABC):
 
     def log_learning_rates(self):
         optimizers = self.parts.optimizers
-        self.log_scalars({("train/lr" if len(optimizers) == 1 else f"train/lr_{name}"): opt.param_groups[0]["lr"]
-                          for name, opt in optimizers.items()}, self.current_epoch)
+        self.learning_rates = {("train/lr" if len(optimizers) == 1 else f"train/lr_{name}"): opt.param_groups[0]["lr"]
+                               for name, opt in optimizers.items()}
+        self.log_scalars(self.learning_rates, self.current_epoch)
 
     def _step_schedulers(self, interval: str, metrics: dict | None = None):
         for scheduler, when in self.parts.schedulers.values():
@@ -542,16 +642,69 @@ class BaseAgent(abc.ABC):
                           for name, value in metrics.items())
         self.logger.info(f"epoch {self.current_epoch}/{self.max_epoch}  {shown}"
                          f"{'  (best)' if is_best else ''}  [{seconds:.1f}s]")
+        self.trackers.log_epoch(self.current_epoch, self.current_iteration, self.wall_time(),
+                                {**metrics, **self.learning_rates})
+
+    # ------------------------------------------------------------------ using a trained model
+    # predict, export and agents.trained.load_trained rebuild an agent's networks from a checkpoint
+    # alone: its config and the "inference" entry that inference_info() filled when it was saved.
+
+    @classmethod
+    def networks(cls, config, inference: dict) -> dict:
+        """{checkpoint name: module} of the networks a trained model is used through (the first is
+        "the model"), built from the training run's config and a checkpoint's inference entry."""
+        raise NotImplementedError(f"{cls.__name__} does not say how to rebuild its networks (networks())")
+
+    def inference_info(self) -> dict:
+        """What using the trained model needs besides its weights (input size and channels,
+        normalisation, class names), saved in every checkpoint; plain types only."""
+        return {}
+
+    @classmethod
+    def input_transform(cls, inference: dict, device="cpu"):
+        """The callable from the agent's raw inputs to the batch the model takes (load_trained's preprocess)."""
+        raise NotImplementedError(f"{cls.__name__} defines no input transform (input_transform())")
+
+    def build_networks(self, checkpoint: dict):
+        """predict and export: the checkpoint's networks as agents.trained rebuilds them (from the
+        config they were trained with), declared, and set as attributes of their names."""
+        from agents.trained import inference_entry, rebuild_networks, trained_config
+
+        _, trained = trained_config(checkpoint)
+        self.inference = inference_entry(checkpoint)
+        for name, module in rebuild_networks(type(self), trained, self.inference).items():
+            self.add_model(name, module)
+            setattr(self, name, self.parts.models[name])
+
+    def export_target(self):
+        """utils.export.ExportTarget: the module mode=export writes, and the inputs it is traced on."""
+        raise NotImplementedError(f"{type(self).__name__} has no export_target()")
+
+    def export(self):
+        """export/model.onnx (torch.onnx, dynamo exporter) and export/model.pt2 (torch.export) of
+        export_target(), each checked against eager PyTorch on a batch before it is kept."""
+        from utils.export import export_verified
+
+        target = self.export_target()
+        results = export_verified(target.module, target.example, self.paths.export, target.dynamic_shapes,
+                                  target.check, inference=self.inference)
+        self.mode_results = {**results, "epoch": self.current_epoch}
+        differences = ", ".join(f"{name} {value:.2g}" for name, value in results["max_abs_difference"].items())
+        self.logger.info(f"exported the model of epoch {self.current_epoch} to {results['onnx']} and {results['pt2']}; "
+                         f"on a batch of {results['check_shapes'][0][0]} against eager PyTorch, the largest absolute "
+                         f"difference: {differences} (tolerance {results['tolerance']:.1g})")
 
     # ------------------------------------------------------------------ checkpoints and results
 
     def state_dict(self) -> dict:
         """The checkpoint: one dict of plain types and tensors (torch.load(weights_only=True))."""
+        position = self.in_epoch.state(self.epoch_state)
+        validating = self.in_epoch.trained is not None
         return {
             "format_version": ckpt.FORMAT_VERSION,
             "agent": type(self).__name__,
             "config": ckpt.plain(self.config),
-            "epoch": self.current_epoch,
+            "epoch": self.current_epoch - validating,     # epochs completed
             "iteration": self.current_iteration,
             "world_size": self.world_size,   # batch_size is per process: resuming checks the global batch
             **self.parts.state_dict(),
@@ -559,20 +712,37 @@ class BaseAgent(abc.ABC):
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "last_metrics": dict(self.last_metrics),
             "wall_time_s": self.wall_time(),
-            "rng": ckpt.rng_states(),
+            # while validating: the state the epoch's training ended in, where the resumed run goes on
+            "rng": self.in_epoch.rng_after_training if validating else ckpt.rng_states(),
+            "position": position,
             "extra": self.extra_state(),
+            "trackers": self.trackers.state_dict(),   # the MLflow run id, which --resume continues
+            "learning_rates": dict(self.learning_rates),   # a resumed epoch's metrics.csv row has them
+            "inference": ckpt.plain(self.inference_info()),   # what predict and export need: a copied folder is enough
         }
 
+    def epoch_state(self) -> dict:
+        """What train_one_epoch has summed so far in the epoch (plain types and tensors), for a
+        checkpoint written inside it."""
+        return {}
+
+    def load_epoch_state(self, state: dict | None):
+        """Before train_one_epoch: the sums of a resumed epoch, or None to start them afresh."""
+
     def save_checkpoint(self, is_best: bool):
+        """The latest checkpoint (and model_best, epoch_NNNN copies at epoch ends)."""
+        self.checkpoint_clock.saved(self.current_iteration)
         if self.keeps_files:
             self.checkpoints.save(self.state_dict(), self.current_epoch, is_best,
-                                  keep_history=self.status != "interrupted")
+                                  keep_history=self.in_epoch.at_epoch_start and self.status != "interrupted")
 
     def load_checkpoint(self, state: dict, training: bool = True):
-        """Restore models; when training also optimizers, schedulers, counters and RNG states, so
-        the resumed run continues exactly as the uninterrupted one would have."""
+        """Restore models; when training also optimizers, schedulers, counters, the position
+        inside the epoch and RNG states, so the resumed run continues exactly as the uninterrupted
+        one would have."""
         self.parts.load_models(state)
         self.current_epoch = state["epoch"]
+        self.trackers.load_state_dict(state.get("trackers", {}))   # a test logs into the training's MLflow run
         if not training:
             if state.get("ema") is not None:     # evaluation and prediction use the averaged weights
                 self._load_ema_weights(state["ema"])
@@ -581,12 +751,27 @@ class BaseAgent(abc.ABC):
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
         self.current_iteration = state["iteration"]
+        self.in_epoch.resumed = state.get("position")
+        if self.in_epoch.resumed is not None and state.get("world_size", 1) != self.world_size:
+            raise CheckpointError(f"the checkpoint was written inside epoch {self.current_epoch + 1} by "
+                                  f"{state.get('world_size', 1)} process(es): resume it with as many "
+                                  f"(this run has {self.world_size}); at an epoch's end the number may change")
         self.best.load_state_dict(state)
         self.last_metrics = dict(state.get("last_metrics", {}))
+        self.learning_rates = dict(state.get("learning_rates", {}))
         self._wall_time_before = state.get("wall_time_s", 0.0)
         self.load_extra_state(state.get("extra", {}))
         ckpt.set_rng_states(state["rng"])  # last: nothing after this may draw random numbers
-        self.logger.info(f"resumed from epoch {self.current_epoch}, iteration {self.current_iteration}")
+        self.logger.info(f"resumed from epoch {self.current_epoch}, iteration {self.current_iteration}"
+                         + self._resume_description())
+
+    def _resume_description(self) -> str:
+        position = self.in_epoch.resumed
+        if position is None:
+            return ""
+        if position["train_metrics"] is not None:
+            return f" (epoch {self.current_epoch + 1} trained: its validation runs again)"
+        return f", {position['epoch_position']} {self.epoch_unit} into epoch {self.current_epoch + 1}"
 
     def _load_ema_weights(self, ema_state: dict):
         name = self.ema_model or next(iter(self.parts.models))
@@ -622,10 +807,15 @@ class BaseAgent(abc.ABC):
             return
         self._finalized = True
         try:
-            if self.status != "built":
+            # A mode that uses a trained model records only its finished result: a failed or
+            # interrupted predict leaves results.json as it was.
+            if self.status == "completed" or (self.status != "built" and self.config.mode not in USING_MODES):
                 self.write_results()
                 if self.config.mode == "train" and self.last_metrics:
                     self._log_hparams()
+                records = ("config.json" if self.config.mode == "train" else f"config_{self.config.mode}.json",
+                           "results.json")
+                self.trackers.end_run(self.status, [self.paths.root / name for name in records])
         finally:
             self.trackers.close()
 
@@ -662,6 +852,8 @@ class SupervisedAgent(BaseAgent):
 
     def __init__(self, config, checkpoint=None):
         super().__init__(config, checkpoint)
+        if config.mode in USING_MODES:      # the trained network alone (build_networks)
+            return
         if len(self.parts.optimizers) != 1:
             raise TypeError(f"{type(self).__name__}: a SupervisedAgent declares exactly one optimizer "
                             f"in build() (found {len(self.parts.optimizers)}); agents with several "
@@ -669,6 +861,7 @@ class SupervisedAgent(BaseAgent):
         if not hasattr(self, "data_loader"):
             raise TypeError(f"{type(self).__name__}.build() must set self.data_loader")
         self.optimizer = next(iter(self.parts.optimizers.values()))
+        self.load_epoch_state(None)
 
     def batch_size_of(self, batch) -> int:
         """Samples in a batch, for weighting the averages: the first tensor's leading dimension."""
@@ -680,31 +873,41 @@ class SupervisedAgent(BaseAgent):
     def train_one_epoch(self):
         self.train_mode(True)
         log_interval = self.config.log_interval
-        # Losses wait as tensors and are summed at each log_interval: no device sync per step.
-        pending_losses, pending_sizes, loss_sum, sample_count = [], [], 0.0, 0
         loader = self.data_loader.train_loader
         move = self._needs_moving(loader)
         batches = self.train_batches(loader)
-        bar = self.progress(batches, desc=f"epoch {self.current_epoch + 1}", leave=False, total=len(batches))
+        bar = self.progress(batches, desc=f"epoch {self.current_epoch + 1}", leave=False, total=len(batches),
+                            initial=batches.start)
         for batch in bar:
             if move:
                 batch = self.to_device(batch)
-            if self.current_iteration == 0 and self._micro_batch == 0:
+            if self.current_iteration == 0 and self.accumulation.between_groups:
                 self.log_samples(batch)
             with self.no_sync_while_accumulating():
                 with self.autocast():
                     out = self.train_step(batch)
                 loss = out["loss"] if isinstance(out, dict) else out
                 stepped = self.optimizer_step(loss, self.optimizer)
-            pending_losses.append(loss.detach())
-            pending_sizes.append(self.batch_size_of(batch))
+            # Losses wait as tensors and are summed at each log_interval: no device sync per step.
+            self._pending_losses.append(loss.detach())
+            self._pending_sizes.append(self.batch_size_of(batch))
             if stepped and self.current_iteration % log_interval == 0:
-                loss_sum, sample_count = self._sum_losses(pending_losses, pending_sizes, loss_sum, sample_count)
+                self._sum_losses()
                 self._log_train_values(out if isinstance(out, dict) else {"loss": loss}, bar)
-        loss_sum, sample_count = self._sum_losses(pending_losses, pending_sizes, loss_sum, sample_count)
+        self._sum_losses()
         loss_sum, sample_count = distributed.all_reduce_sum(
-            torch.tensor([loss_sum, sample_count], dtype=torch.float64)).tolist()
+            torch.tensor([self._loss_sum, self._sample_count], dtype=torch.float64)).tolist()
+        self.load_epoch_state(None)      # the next epoch sums afresh
         return {"train/epoch_loss": loss_sum / sample_count if sample_count else math.nan}
+
+    def epoch_state(self):
+        self._sum_losses()
+        return {"loss_sum": self._loss_sum, "sample_count": self._sample_count}
+
+    def load_epoch_state(self, state):
+        state = state or {"loss_sum": 0.0, "sample_count": 0}
+        self._loss_sum, self._sample_count = state["loss_sum"], state["sample_count"]
+        self._pending_losses, self._pending_sizes = [], []
 
     def _log_train_values(self, logged: dict, bar):
         values = {f"train/{name}": float(value.detach() if torch.is_tensor(value) else value)
@@ -716,17 +919,15 @@ class SupervisedAgent(BaseAgent):
         self.log_scalars(values, self.current_iteration)
         bar.set_postfix(loss=f"{values['train/loss']:.4f}", refresh=False)
 
-    @staticmethod
-    def _sum_losses(losses: list, sizes: list, loss_sum: float, count: int):
-        """Fold the pending per-batch mean losses into the running sum, weighted by batch size;
-        empties the lists."""
-        if losses:
+    def _sum_losses(self):
+        """Fold the pending per-batch mean losses into the epoch's sum, weighted by batch size."""
+        if self._pending_losses:
             # One stack and one copy to the host (a single sync on GPU) for the whole interval.
-            loss_sum += sum(loss * size for loss, size in zip(torch.stack(losses).tolist(), sizes))
-            count += sum(sizes)
-            losses.clear()
-            sizes.clear()
-        return loss_sum, count
+            losses = torch.stack(self._pending_losses).tolist()
+            self._loss_sum += sum(loss * size for loss, size in zip(losses, self._pending_sizes))
+            self._sample_count += sum(self._pending_sizes)
+            self._pending_losses.clear()
+            self._pending_sizes.clear()
 
     def log_samples(self, batch):
         """A grid of the first training images, shown once per run in TensorBoard."""
@@ -761,23 +962,3 @@ class SupervisedAgent(BaseAgent):
         width = max(len(tag) for tag in self.mode_results)
         lines = [f"  {tag:<{width}}  {value:.4f}" for tag, value in self.mode_results.items()]
         self.logger.info(f"test of the model from epoch {self.current_epoch}:\n" + "\n".join(lines))
-
-
-class _Batches:
-    """A loader's batches cut to `count` (len() is the count). Given an agent, it tells it how
-    many batches the epoch has left: gradient accumulation's last group may be short."""
-
-    def __init__(self, batches, count: int, agent: BaseAgent | None = None):
-        self.batches, self.count, self.agent = batches, count, agent
-
-    def __len__(self):
-        return self.count
-
-    def __iter__(self):
-        agent, count = self.agent, self.count
-        for index, batch in enumerate(self.batches):
-            if index == count:
-                break
-            if agent is not None:
-                agent._batches_left = count - index
-            yield batch

@@ -7,18 +7,20 @@ import torch.nn.functional as F
 from torch import optim
 
 from agents.base import SupervisedAgent
-from datasets.cifar10 import DATA_MODES, Cifar10DataLoader
+from agents.trained import ClassifiesImages
+from datasets.cifar10 import CLASSES, DATA_MODES, MEAN, STD, Cifar10DataLoader
 from graphs.models.condensenet import CondenseNet, condense, condensed_skeleton, count_macs
 from graphs.models.custom_layers.learned_group_conv import stage_at
 from utils import checkpoint as ckpt
 from utils.config import Key
 from utils.errors import ConfigError, UserError
 from utils.metrics import classification_metrics
+from utils.predict import image_inference
 
 CONDENSED = "condensed.pth.tar"
 
 
-class CondenseNetAgent(SupervisedAgent):
+class CondenseNetAgent(ClassifiesImages, SupervisedAgent):
     DEFAULTS = {
         "stages": [14, 14, 14],
         "growth": [8, 16, 32],
@@ -40,33 +42,45 @@ class CondenseNetAgent(SupervisedAgent):
         "max_epoch": 300,
         "data_folder": "data/cifar10",
         "data_mode": Key("download", choices=DATA_MODES),
-        "condensed": False,          # mode=test: evaluate checkpoints/condensed.pth.tar
+        "condensed": False,          # mode=test, predict, export: use checkpoints/condensed.pth.tar
         "monitor": "val/accuracy",
         "monitor_mode": "max",
     }
     metrics = ("loss", "accuracy")
-    modes = ("train", "test", "condense")
+    modes = ("train", "test", "condense", "predict", "export")
+    condensed_modes = ("test", "predict", "export")   # the modes "condensed": true applies to
 
     @classmethod
     def checkpoint_for_mode(cls, config):
-        return CONDENSED if config.mode == "test" and config.condensed else super().checkpoint_for_mode(config)
+        if config.condensed and config.mode in cls.condensed_modes:
+            return CONDENSED
+        return super().checkpoint_for_mode(config)
 
     @classmethod
     def check_config(cls, config):
         super().check_config(config)
-        if config.condensed and config.mode != "test":
-            raise ConfigError("\"condensed\": true evaluates the condensed network in mode \"test\"; "
-                              f"it cannot be used with mode \"{config.mode}\"")
+        if config.condensed and config.mode not in cls.condensed_modes:
+            raise ConfigError("\"condensed\": true uses the condensed network in modes \"test\", \"predict\" and "
+                              f"\"export\"; it cannot be used with mode \"{config.mode}\"")
+
+    @classmethod
+    def networks(cls, config, inference):
+        """The trained form, or the condensed one where the checkpoint holds it."""
+        network = CondenseNet(stages=config.stages, growth=config.growth, bottleneck=config.bottleneck,
+                              group_1x1=config.group_1x1, group_3x3=config.group_3x3,
+                              condense_factor=config.condense_factor, init_stride=config.init_stride,
+                              pool_size=config.pool_size, dropout_rate=config.dropout_rate,
+                              num_classes=config.num_classes)
+        return {"model": condensed_skeleton(network) if inference.get("condensed") else network}
+
+    def inference_info(self):
+        # CIFAR-10's 32 x 32 RGB, standardised with its channel statistics (datasets/cifar10.py)
+        names = CLASSES if self.config.num_classes == len(CLASSES) else range(self.config.num_classes)
+        return image_inference(3, (32, 32), names, MEAN, STD)
 
     def build(self):
         cfg = self.config
-        self.raw_model = CondenseNet(stages=cfg.stages, growth=cfg.growth, bottleneck=cfg.bottleneck,
-                                     group_1x1=cfg.group_1x1, group_3x3=cfg.group_3x3,
-                                     condense_factor=cfg.condense_factor, init_stride=cfg.init_stride,
-                                     pool_size=cfg.pool_size, dropout_rate=cfg.dropout_rate,
-                                     num_classes=cfg.num_classes)
-        if cfg.condensed:
-            self.raw_model = condensed_skeleton(self.raw_model)
+        self.raw_model = self.networks(cfg, {"condensed": cfg.condensed})["model"]
         # raw_model: the network with its own methods (condense_to, lasso_loss); model: what is
         # called, the same module wrapped in DDP under torchrun or compiled.
         self.model = self.add_model("model", self.raw_model)
@@ -124,7 +138,8 @@ class CondenseNetAgent(SupervisedAgent):
             difference = float((trained(images) - condensed(images)).abs().max())
         state = {"format_version": ckpt.FORMAT_VERSION, "agent": type(self).__name__,
                  "config": dict(self.config), "epoch": self.current_epoch, "condensed": True,
-                 "models": {"model": condensed.state_dict()}}
+                 "models": {"model": condensed.state_dict()},
+                 "inference": {**self.inference_info(), "condensed": True}}   # what networks() rebuilds
         ckpt.save_atomic(state, self.paths.checkpoints / CONDENSED)
         shape = (1, 3, 32, 32)
         self.mode_results = {

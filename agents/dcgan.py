@@ -12,6 +12,7 @@ from graphs.models.dcgan_generator import Generator, doublings
 from utils.config import Key
 from utils.data import DATA_LOADER_KEYS
 from utils.errors import ConfigError
+from utils.export import ExportTarget
 
 
 class DCGANAgent(BaseAgent):
@@ -38,7 +39,7 @@ class DCGANAgent(BaseAgent):
         "interpolations": Key(8, minimum=1),               # mode=generate: rows of the interpolation grid
         "monitor": None,              # a GAN's losses do not say which epoch is best
     }
-    modes = ("train", "generate")
+    modes = ("train", "generate", "export")
     ema_model = "netG"      # with "ema": samples and mode=generate come from the averaged generator
     unsupported_keys = {"grad_accumulation": "its generator's backward pass also fills the discriminator's "
                                              "gradients, which accumulating would add to the next step"}
@@ -60,10 +61,28 @@ class DCGANAgent(BaseAgent):
                 raise ConfigError(f"config key '{key}' must be below 1 (Adam's betas are in [0, 1)), "
                                   f"got {config[key]}")
 
+    @classmethod
+    def networks(cls, config, inference):
+        """The generator alone: it is what a trained GAN is used through."""
+        return {"netG": Generator(latent_size=config.g_input_size, num_filters=config.num_filt_g,
+                                  channels=config.input_channels, image_size=config.image_size)}
+
+    def inference_info(self):
+        cfg = self.config   # the generator maps (B, latent, 1, 1) standard normal noise to images in [-1, 1]
+        return {"input": "latent", "latent_size": cfg.g_input_size, "image_size": cfg.image_size,
+                "channels": cfg.input_channels, "output_range": [-1.0, 1.0]}
+
+    @classmethod
+    def input_transform(cls, inference, device="cpu"):
+        return LatentNoise(inference["latent_size"], device)
+
+    def export_target(self):
+        """The generator on 2 latent vectors."""
+        return ExportTarget(self.netG, (self.input_transform(self.inference, self.device).seeded(2),))
+
     def build(self):
         cfg = self.config
-        self.netG = self.add_model("netG", Generator(latent_size=cfg.g_input_size, num_filters=cfg.num_filt_g,
-                                                     channels=cfg.input_channels, image_size=cfg.image_size))
+        self.netG = self.add_model("netG", self.networks(cfg, {})["netG"])
         self.netD = self.add_model("netD", Discriminator(num_filters=cfg.num_filt_d, channels=cfg.input_channels,
                                                          image_size=cfg.image_size, relu_slope=cfg.relu_slope))
         betas = (cfg.beta1, cfg.beta2)
@@ -72,6 +91,7 @@ class DCGANAgent(BaseAgent):
         self.optimizerD = self.add_optimizer("optimizerD", optim.Adam(self.netD.parameters(), cfg.learning_rate,
                                                                       betas=betas))
         self.fixed_noise = torch.randn(cfg.num_samples, cfg.g_input_size, 1, 1, device=self.device)
+        self.load_epoch_state(None)
         if cfg.mode == "train":
             self.data_loader = ImageDataLoader(
                 data_folder=cfg.data_folder, dataset=cfg.dataset, data_mode=cfg.data_mode,
@@ -85,9 +105,8 @@ class DCGANAgent(BaseAgent):
         cfg = self.config
         self.train_mode(True)
         batches = self.train_batches(self.data_loader.train_loader)
-        totals = torch.zeros(2, device=self.device)   # summed loss_d, loss_g of the epoch
         for real, _ in self.progress(batches, desc=f"epoch {self.current_epoch + 1}", leave=False,
-                                     total=len(batches)):
+                                     total=len(batches), initial=batches.start):
             real = self.to_device(real)
             batch = real.shape[0]
             real_target = torch.full((batch,), 1.0 - cfg.label_smoothing, device=self.device)
@@ -108,7 +127,7 @@ class DCGANAgent(BaseAgent):
                 loss_g = F.binary_cross_entropy_with_logits(fooled_logits, torch.ones_like(fooled_logits))
             self.optimizer_step(loss_g, self.optimizerG)
 
-            totals += torch.stack([loss_d.detach(), loss_g.detach()]).float()
+            self.totals += torch.stack([loss_d.detach(), loss_g.detach()]).float()
             if self.current_iteration % cfg.log_interval == 0:
                 with torch.no_grad():
                     self.log_scalars({"train/loss_d": float(loss_d), "train/loss_g": float(loss_g),
@@ -117,8 +136,16 @@ class DCGANAgent(BaseAgent):
                                      self.current_iteration)
         with self.evaluation_weights():       # the EMA generator's samples, with "ema"
             self.write_samples(f"epoch_{self.current_epoch + 1:03d}.png", self.current_epoch + 1)
-        loss_d_mean, loss_g_mean = (totals / max(len(batches), 1)).tolist()
+        loss_d_mean, loss_g_mean = (self.totals / max(len(batches), 1)).tolist()
+        self.load_epoch_state(None)      # the next epoch sums afresh
         return {"train/epoch_loss_d": loss_d_mean, "train/epoch_loss_g": loss_g_mean}
+
+    def epoch_state(self):
+        return {"totals": self.totals.cpu()}
+
+    def load_epoch_state(self, state):
+        # summed loss_d, loss_g of the epoch so far
+        self.totals = state["totals"].to(self.device) if state else torch.zeros(2, device=self.device)
 
     def validate(self):
         return {}
@@ -159,3 +186,22 @@ class DCGANAgent(BaseAgent):
     def load_extra_state(self, state):
         if "fixed_noise" in state:
             self.fixed_noise = state["fixed_noise"].to(self.device)
+
+
+class LatentNoise:
+    """The generator's input (load_trained's preprocess for a DCGAN): a count -> that many standard
+    normal latent vectors, or given vectors (N, latent) -> shaped (N, latent, 1, 1), on `device`."""
+
+    def __init__(self, latent_size: int, device="cpu"):
+        self.latent_size, self.device = latent_size, torch.device(device)
+
+    def __call__(self, count_or_vectors, generator: torch.Generator | None = None) -> torch.Tensor:
+        if isinstance(count_or_vectors, int):
+            vectors = torch.randn(count_or_vectors, self.latent_size, generator=generator)
+        else:
+            vectors = torch.as_tensor(count_or_vectors, dtype=torch.float32)
+        return vectors.reshape(-1, self.latent_size, 1, 1).to(self.device)     # (N, latent, 1, 1)
+
+    def seeded(self, count: int) -> torch.Tensor:
+        """`count` vectors from a generator of their own: torch's global one is left as it is."""
+        return self(count, torch.Generator().manual_seed(0))

@@ -23,6 +23,7 @@ from datasets.cartpole_screen import crop_screen, screen_size
 from graphs.models.dqn import ConvQNetwork, MLPQNetwork
 from utils.config import Key
 from utils.errors import CheckpointError, ConfigError, UserError
+from utils.export import ExportTarget
 from utils.replay_memory import ReplayMemory
 
 VALIDATION, TEST = 1, 2     # streams of evaluation start states
@@ -60,6 +61,18 @@ def require_pygame(purpose: str):
     except ImportError:
         raise ConfigError(f"{purpose} needs pygame to render the screen, and it is not installed; "
                           "pip install pygame (requirements.txt has it)") from None
+
+
+class Observations:
+    """Observations (one, or a list / array of them) -> the (N, *observation_shape) float32 batch the
+    policy network takes, on `device` (load_trained's preprocess for a DQN)."""
+
+    def __init__(self, observation_shape, device="cpu"):
+        self.shape, self.device = tuple(observation_shape), torch.device(device)
+
+    def __call__(self, observations) -> torch.Tensor:
+        batch = torch.as_tensor(np.asarray(observations, dtype=np.float32))
+        return batch.reshape(-1, *self.shape).to(self.device)
 
 
 class ScreenDifference(gym.Wrapper):
@@ -125,7 +138,9 @@ class DQNAgent(BaseAgent):
         "monitor_mode": "max",
     }
     metrics = ("mean_return", "std_return")
+    modes = ("train", "test", "export")
     resumable_keys = BaseAgent.resumable_keys + ("max_steps",)   # the training budget, like max_epoch
+    epoch_unit = "episodes"
     unsupported_keys = dict.fromkeys(
         ("grad_accumulation", "fast_dev_run", "limit_train_batches", "limit_val_batches", "overfit_batches"),
         "DQN learns from environment steps, not from the batches of a data set (lower max_steps for a short run)")
@@ -182,6 +197,7 @@ class DQNAgent(BaseAgent):
 
         self.env_steps = 0       # environment steps taken in training
         self.episodes = 0        # training episodes finished
+        self.returns = []        # of the current epoch's episodes
         if cfg.mode == "train":
             self.env = self.make_env()
             self.env_seeded = False          # the first reset seeds the environment, later ones continue it
@@ -196,11 +212,35 @@ class DQNAgent(BaseAgent):
         return ScreenDifference(env, cfg.screen_height) if self.pixels else env
 
     def make_q_network(self, observation_shape: tuple) -> torch.nn.Module:
-        cfg = self.config
-        if self.pixels:
+        return self.q_network(self.config, observation_shape, self.num_actions)
+
+    @staticmethod
+    def q_network(config, observation_shape, num_actions: int) -> torch.nn.Module:
+        if config.observation_mode == "pixels":
             channels, height, width = observation_shape
-            return ConvQNetwork(channels, height, width, self.num_actions, cfg.conv_filters)
-        return MLPQNetwork(observation_shape[0], self.num_actions, cfg.hidden_sizes)
+            return ConvQNetwork(channels, height, width, num_actions, config.conv_filters)
+        return MLPQNetwork(observation_shape[0], num_actions, config.hidden_sizes)
+
+    @classmethod
+    def networks(cls, config, inference):
+        """The policy network alone: the greedy action is its argmax."""
+        return {"policy_net": cls.q_network(config, inference["observation_shape"], inference["num_actions"])}
+
+    def inference_info(self):
+        space = self.eval_env.observation_space
+        return {"input": "observation", "env_name": self.config.env_name,
+                "observation_mode": self.config.observation_mode, "observation_shape": list(space.shape),
+                "num_actions": self.num_actions}
+
+    @classmethod
+    def input_transform(cls, inference, device="cpu"):
+        return Observations(inference["observation_shape"], device)
+
+    def export_target(self):
+        """The policy network on 2 observations (uniform in [-1, 1]: a screen difference's range)."""
+        shape = self.inference["observation_shape"]
+        example = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        return ExportTarget(self.policy_net, (example.to(self.device),))
 
     # ------------------------------------------------------------------ training
 
@@ -212,10 +252,9 @@ class DQNAgent(BaseAgent):
         return self.env_steps >= self.config.max_steps
 
     def train_one_epoch(self):
-        returns = []
-        for _ in range(self.config.eval_every):
-            if self.training_done():
-                break
+        returns = self.returns              # of this epoch's episodes (a resumed epoch's so far too)
+        while len(returns) < self.config.eval_every and not self.training_done():
+            self.safe_point(len(returns))   # between episodes: a Ctrl+C waits for the episode's end
             returns.append(self.play_training_episode())
         if self.training_done():
             self.logger.info(f"max_steps reached: {self.env_steps:,} environment steps, {self.episodes:,} "
@@ -343,7 +382,15 @@ class DQNAgent(BaseAgent):
 
     # ------------------------------------------------------------------ state
 
+    def epoch_state(self):
+        return {"returns": list(self.returns)}
+
+    def load_epoch_state(self, state):
+        self.returns = list(state["returns"]) if state else []
+
     def results(self) -> dict:
+        if not hasattr(self, "env_steps"):    # export builds the policy network alone, without build()
+            return super().results()
         return {**super().results(), "env_steps": self.env_steps, "episodes": self.episodes}
 
     def extra_state(self):

@@ -10,10 +10,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn, optim
+from torchvision.transforms.v2 import functional as TF
+from torchvision.utils import save_image
 
 from agents.base import SupervisedAgent
-from datasets.voc import (CLASSES, DATA_MODES, IGNORE_INDEX, MaskFiles, VOCDataLoader, colorize, eval_collate,
-                          save_mask, training_files, weights_cache_path)
+from datasets.voc import (CLASSES, DATA_MODES, IGNORE_INDEX, MEAN, STD, MaskFiles, VOCDataLoader, colorize,
+                          eval_collate, save_mask, training_files, weights_cache_path)
 from graphs.losses.class_weights import cached_enet_weights, load_class_weights
 from graphs.models.erfnet import ERFNet
 from utils import checkpoint as ckpt
@@ -21,7 +23,10 @@ from utils.config import Key
 from utils.data import DATA_LOADER_KEYS
 from utils.distributed import all_reduce_sum
 from utils.errors import CheckpointError, ConfigError
+from utils.export import ExportTarget
 from utils.metrics import ConfusionMatrix, segmentation_metrics
+from utils.predict import (IMAGE_EXTENSIONS, TABLE_ROWS, SegmentationTransform, input_files, output_names, read_image,
+                           write_csv)
 
 ENCODER_URL = ("https://github.com/Eromera/erfnet_pytorch/raw/master/trained_models/"
                "erfnet_encoder_pretrained.pth.tar")
@@ -52,6 +57,8 @@ class ERFNetAgent(SupervisedAgent):
         "monitor_mode": "max",
     }
     metrics = ("loss", "pixel_accuracy", "mean_class_accuracy", "mIoU")
+    modes = ("train", "test", "predict", "export")
+    size_multiple = 8             # ERFNet downsamples 3 times: inputs are padded to multiples of 8
     unsupported_keys = {"overfit_batches": "its validation batches are whole images at their own size, "
                                            "not training crops (try limit_train_batches and limit_val_batches)"}
 
@@ -83,7 +90,7 @@ class ERFNetAgent(SupervisedAgent):
     def build(self):
         cfg = self.config
         training = cfg.mode == "train"
-        self.raw_model = ERFNet(len(CLASSES))
+        self.raw_model = self.networks(cfg, {})["model"]
         if training and cfg.pretrained_encoder:
             self.load_pretrained_encoder(self.local_copy(cfg.pretrained_encoder))
         self.model = self.add_model("model", self.raw_model)   # raw_model wrapped (DDP, compile) for training
@@ -107,6 +114,20 @@ class ERFNetAgent(SupervisedAgent):
         # The same validation images every time, spread over the set.
         last = len(self.data_loader.valid_set) - 1
         self.examples = sorted({int(i) for i in np.linspace(0, last, min(cfg.val_examples, last + 1)).round()})
+
+    @classmethod
+    def networks(cls, config, inference):
+        return {"model": ERFNet(len(CLASSES))}
+
+    def inference_info(self):
+        # as validation images are read (datasets/voc.py eval_transform, eval_collate)
+        return {"input": "image", "channels": 3, "img_size": self.config.img_size, "size_multiple": self.size_multiple,
+                "mean": list(MEAN), "std": list(STD), "class_names": list(CLASSES)}
+
+    @classmethod
+    def input_transform(cls, inference, device="cpu"):
+        return SegmentationTransform(inference["img_size"], inference["mean"], inference["std"],
+                                     inference["size_multiple"], device, inference["class_names"])
 
     def poly_factor(self, step: int) -> float:
         """The learning rate's share at `step` (an iteration or an epoch, as lr_step says). The step
@@ -276,3 +297,65 @@ class ERFNetAgent(SupervisedAgent):
         self.logger.info(f"test of the model from epoch {self.current_epoch} on {len(names):,} validation "
                          f"images (IoU %; nan: a class in neither truth nor prediction); masks in {out}:\n"
                          + "\n".join(lines))
+
+    @torch.no_grad()
+    def predict(self):
+        """For every image predict_input names, at the image's own size: its palette mask in out/masks/,
+        the mask over the image in out/overlays/, and in out/predictions.csv the share of its pixels
+        each class covers."""
+        files = input_files(self.config.predict_input, IMAGE_EXTENSIONS, "images")
+        for file in files:          # every file read before any is written
+            read_image(file, "RGB")
+        transform = self.input_transform(self.inference, self.device)
+        out, rows = self.paths.out, []
+        self.train_mode(False)
+        for file, name in zip(files, output_names(files)):
+            image = transform.rgb(file)
+            logits = transform.to_image_size(self.model(transform(image)), image)      # (1, C, H, W)
+            mask = logits[0].argmax(dim=0).cpu()                                       # (H, W)
+            for folder in ("masks", "overlays"):
+                (out / folder / name).parent.mkdir(parents=True, exist_ok=True)
+            save_mask(mask, out / "masks" / f"{name}.png")
+            save_image(overlay(TF.pil_to_tensor(image), mask), out / "overlays" / f"{name}.png")
+            shares = torch.bincount(mask.flatten(), minlength=len(CLASSES)).double() / mask.numel()
+            rows.append([str(file), f"masks/{name}.png", f"overlays/{name}.png",
+                         *(f"{share:.6f}" for share in shares.tolist())])
+        write_csv(out / "predictions.csv", ["input", "mask", "overlay", *CLASSES], rows)
+        self.mode_results = {"inputs": len(files), "masks": str(out / "masks"), "overlays": str(out / "overlays"),
+                             "predictions": str(out / "predictions.csv"), "epoch": self.current_epoch}
+        self.logger.info(f"{len(files):,} images segmented by the model of epoch {self.current_epoch}: masks in "
+                         f"{out / 'masks'}, overlays in {out / 'overlays'}:\n" + coverage_table(rows, CLASSES))
+
+    def export_target(self):
+        """The network on 2 images of img_size x img_size; batch, height and width stay free (any
+        multiple of 8), checked on 3 images of another size."""
+        size, multiple = self.inference["img_size"], self.size_multiple
+        transform = self.input_transform(self.inference, self.device)
+        example = transform.normalize(torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)))
+        check = transform.normalize(torch.rand(3, 3, size + multiple, size + 2 * multiple,
+                                               generator=torch.Generator().manual_seed(1)))
+        batch = torch.export.Dim("batch")
+        height, width = torch.export.Dim("height_8ths", min=1), torch.export.Dim("width_8ths", min=1)
+        shapes = ({0: batch, 2: multiple * height, 3: multiple * width},)
+        return ExportTarget(self.model, (example,), shapes, (check,))
+
+
+def overlay(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) uint8 image, (H, W) mask -> (3, H, W) float in [0, 1]: half image, half class colour
+    where a class other than background is predicted, the image elsewhere."""
+    picture = image.float() / 255
+    labelled = (mask != 0).unsqueeze(0)
+    return torch.where(labelled, 0.5 * picture + 0.5 * colorize(mask), picture)
+
+
+def coverage_table(rows: list, class_names) -> str:
+    """input, and the classes that cover most of it (background left out), for the first rows."""
+    lines = []
+    for row in rows[:TABLE_ROWS]:
+        shares = sorted(((float(s), name) for name, s in zip(class_names, row[3:]) if name != "background"),
+                        reverse=True)
+        shown = ", ".join(f"{name} {share:.0%}" for share, name in shares[:3] if share > 0) or "background only"
+        lines.append(f"  {row[0]}  {shown}")
+    if len(rows) > TABLE_ROWS:
+        lines.append(f"  ... and {len(rows) - TABLE_ROWS:,} more")
+    return "\n".join(lines)

@@ -4,10 +4,13 @@ import torch.nn.functional as F
 from torch import optim
 
 from agents.base import SupervisedAgent
-from datasets.iris import IrisDataLoader
+from datasets.iris import CLASS_NAMES, FEATURE_NAMES, IrisDataLoader
 from graphs.models.baselines import INITS, NETWORKS, build_baseline
 from utils.config import Key
+from utils.export import ExportTarget
 from utils.metrics import classification_metrics
+from utils.predict import (FeatureTransform, class_probabilities, input_files, prediction_table, read_feature_rows,
+                           write_predictions)
 
 
 class IrisAgent(SupervisedAgent):
@@ -26,13 +29,29 @@ class IrisAgent(SupervisedAgent):
         "monitor_mode": "max",
     }
     metrics = ("loss", "accuracy")
+    modes = ("train", "test", "predict", "export")
+
+    @classmethod
+    def networks(cls, config, inference):
+        return {"model": build_baseline(config.network, len(inference["feature_names"]), len(inference["class_names"]),
+                                        config.hidden_size, config.init)}
+
+    def inference_info(self):
+        # new measurements are standardised with the training split's statistics
+        data = self.data_loader
+        return {"input": "features", "feature_names": list(FEATURE_NAMES), "mean": data.mean.tolist(),
+                "std": data.std.tolist(), "class_names": list(CLASS_NAMES)}
+
+    @classmethod
+    def input_transform(cls, inference, device="cpu"):
+        return FeatureTransform(inference["feature_names"], inference["mean"], inference["std"], device,
+                                inference["class_names"])
 
     def build(self):
         cfg = self.config
         self.data_loader = IrisDataLoader(batch_size=cfg.batch_size, valid_fraction=cfg.valid_fraction,
                                           split_seed=cfg.split_seed, device=self.device)
-        network = build_baseline(cfg.network, self.data_loader.num_features, self.data_loader.num_classes,
-                                 cfg.hidden_size, cfg.init)
+        network = self.networks(cfg, self.inference_info())["model"]
         self.model = self.add_model("model", network)
         trainable = [p for p in network.parameters() if p.requires_grad]
         self.add_optimizer("optimizer", optim.Adam(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay))
@@ -44,3 +63,23 @@ class IrisAgent(SupervisedAgent):
     def validate_step(self, batch):
         features, labels = batch
         return classification_metrics(self.model(features), labels)
+
+    def predict(self):
+        """The species of every row of the CSV files predict_input names (a row: sepal length, sepal
+        width, petal length, petal width in cm; a header row may come first), into out/predictions.csv."""
+        transform = self.input_transform(self.inference, self.device)
+        names, rows = [], []
+        for file in input_files(self.config.predict_input, (".csv",), "CSV files"):
+            for line, values in read_feature_rows(file, transform.feature_names):
+                names.append(f"{file}:{line}")
+                rows.append(values)
+        probabilities = class_probabilities(self.model, transform(rows), self.device)
+        self.mode_results = {**write_predictions(self.paths.out / "predictions.csv", names, probabilities,
+                                                 transform.class_names), "epoch": self.current_epoch}
+        self.logger.info(f"{len(rows):,} flowers classified by the model of epoch {self.current_epoch}; "
+                         f"{self.mode_results['predictions']}:\n"
+                         + prediction_table(names, probabilities, transform.class_names))
+
+    def export_target(self):
+        """The network on 2 rows of standardised measurements."""
+        return ExportTarget(self.model, (self.input_transform(self.inference, self.device).random_batch(2),))

@@ -6,16 +6,18 @@ import torch.nn.functional as F
 from torch import optim
 
 from agents.base import SupervisedAgent
-from datasets.mnist import DATA_MODES, MnistDataLoader
+from agents.trained import ClassifiesImages
+from datasets.mnist import DATA_MODES, MEAN, NUM_CLASSES, STD, MnistDataLoader
 from graphs.models.mnist import NETWORKS
 from utils.config import Key
 from utils.metrics import classification_metrics
+from utils.predict import image_inference
 
 # What of a OneCycleLR's state depends on the number of iterations it was planned over.
 CYCLE_PLAN = ("total_steps", "_schedule_phases")
 
 
-class MnistAgent(SupervisedAgent):
+class MnistAgent(ClassifiesImages, SupervisedAgent):
     DEFAULTS = {
         "network": Key("fast", choices=tuple(NETWORKS)),   # "examples": pytorch/examples' MnistNet
         "max_epoch": 3,
@@ -36,6 +38,15 @@ class MnistAgent(SupervisedAgent):
         "monitor_mode": "max",
     }
     metrics = ("loss", "accuracy")
+    modes = ("train", "test", "predict", "export")
+
+    @classmethod
+    def networks(cls, config, inference):
+        return {"model": NETWORKS[config.network]()}
+
+    def inference_info(self):
+        # 28 x 28 grayscale, white digits on black, standardised as datasets/mnist.py does
+        return image_inference(1, (28, 28), range(NUM_CLASSES), (MEAN,), (STD,))
 
     def build(self):
         cfg = self.config
@@ -43,7 +54,7 @@ class MnistAgent(SupervisedAgent):
                                            batch_size=cfg.batch_size, test_batch_size=cfg.test_batch_size,
                                            valid_size=cfg.valid_size, split_seed=cfg.split_seed,
                                            device=self.device)
-        self.model = self.add_model("model", NETWORKS[cfg.network]())
+        self.model = self.add_model("model", self.networks(cfg, {})["model"])
         if cfg.optimizer == "sgd":
             optimizer = optim.SGD(self.model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum)
         elif cfg.optimizer == "adam":
@@ -75,13 +86,13 @@ class MnistAgent(SupervisedAgent):
 
     def load_extra_state(self, state):
         """A one-cycle schedule is planned over the run's iterations. Resumed with another max_epoch,
-        or after an interruption mid-epoch (the epoch starts over), the iterations left differ
-        from the plan's: it is planned again over the new total (stepping past its end fails)."""
+        the iterations left differ from the plan's: it is planned again over the new total
+        (stepping past its end fails)."""
         super().load_extra_state(state)
         scheduler = self.parts.schedulers["scheduler"][0]
         if self.config.schedule != "onecycle" or self.current_epoch >= self.max_epoch:
             return
-        left = (self.max_epoch - self.current_epoch) * self.steps_per_epoch()
+        left = self.steps_left()
         total = self.current_iteration + left
         if total == scheduler.total_steps:
             return

@@ -1,6 +1,7 @@
 """`python main.py list [PATTERN ...] [--sort KEY]`: one line per experiment, read from its
 results.json; only those whose name (or sweep) matches a PATTERN (shell-style: 'mnist*'); the
-test metric when a run has one; a sweep's runs grouped under their sweep."""
+test metric when a run has one; a sweep's runs grouped under their sweep. With --plot, their
+curves from metrics.csv in one PNG."""
 import fnmatch
 import json
 import math
@@ -8,7 +9,10 @@ import re
 from pathlib import Path
 
 from utils.config import EXPERIMENTS_ROOT
+from utils.errors import UserError
+from utils.files import atomic_write
 from utils.lock import is_held
+from utils.metrics_csv import read_metrics
 
 HELP = "the experiments in experiments/ and how they went"
 COLUMNS = ("experiment", "agent", "status", "epochs", "best", "wall time")
@@ -120,14 +124,19 @@ def _sweep_of(name: str, sweeps: dict) -> str | None:
     return match.group(1) if match and match.group(1) in sweeps else None
 
 
+def _matching(rows: list, patterns, sweeps: dict) -> list:
+    """The rows whose experiment, or whose sweep, matches one of the shell-style patterns."""
+    return [row for row in rows if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns
+                                       for name in (row[0], _sweep_of(row[0], sweeps) or row[0]))]
+
+
 def experiment_table(root: Path, patterns=(), sort: str = "name") -> str:
     rows = experiment_rows(root)
     if not rows:
         return f"no experiments in '{root}' yet: train one with ./run.sh CONFIG"
     sweeps = _sweeps(root)
     if patterns:
-        rows = [row for row in rows if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns
-                                           for name in (row[0], _sweep_of(row[0], sweeps) or row[0]))]
+        rows = _matching(rows, patterns, sweeps)
         if not rows:
             return f"no experiments in '{root}' match {' '.join(repr(p) for p in patterns)}"
     rows.sort(key=lambda row: _sort_key(sort, row, Path(root) / row[0]))
@@ -159,8 +168,81 @@ def add_arguments(parser):
     parser.add_argument("--sort", choices=SORTS, default="name",
                         help="order of the rows: best and test put the best value first, epochs, "
                              "wall_time and date the largest / newest")
+    parser.add_argument("--plot", action="store_true",
+                        help="also draw each listed run's monitored metric over epochs (from its metrics.csv) "
+                             "into one PNG")
+    parser.add_argument("--metric", metavar="TAG", help="with --plot: draw this metrics.csv column instead "
+                                                        "(e.g. train/epoch_loss)")
+    parser.add_argument("--plot-file", metavar="PNG", type=Path, default=EXPERIMENTS_ROOT / "curves.png",
+                        help=f"with --plot: the image to write (default {EXPERIMENTS_ROOT / 'curves.png'})")
 
 
 def run(args) -> int:
     print(experiment_table(EXPERIMENTS_ROOT, args.patterns, args.sort))
+    if args.plot:
+        print(plot_curves(EXPERIMENTS_ROOT, args.patterns, args.metric, args.plot_file))
     return 0
+
+
+# ----------------------------------------------------------------------------- --plot
+
+
+def _monitor(folder: Path) -> str | None:
+    """The metric a run monitors: results.json says it, or config.json while no epoch has ended."""
+    for name in ("results.json", "config.json"):
+        try:
+            record = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and isinstance(record.get("monitor"), str):
+            return record["monitor"]
+    return None
+
+
+def curves(root: Path, patterns=(), metric: str | None = None) -> tuple[dict, list]:
+    """({metric: [(experiment, epochs, values)]}, [experiments without such a curve]) from the
+    metrics.csv of each listed experiment."""
+    rows = experiment_rows(root)
+    names = [row[0] for row in (_matching(rows, patterns, _sweeps(root)) if patterns else rows)]
+    found, missing = {}, []
+    for name in names:
+        tag = metric or _monitor(Path(root) / name)
+        points = [(row["epoch"], row[tag]) for row in read_metrics(Path(root) / name / "metrics.csv")
+                  if isinstance(row.get(tag), (int, float))]
+        if points:
+            found.setdefault(tag, []).append((name, *zip(*points)))
+        else:
+            missing.append(name)
+    return found, missing
+
+
+def plot_curves(root: Path, patterns, metric: str | None, path: Path) -> str:
+    """One PNG: a panel per metric, a line per experiment. Returns the line that says what it drew."""
+    found, missing = curves(root, patterns, metric)
+    what = f"'{metric}'" if metric else "its monitored metric"
+    if not found:
+        raise UserError(f"no listed experiment has {what} in a metrics.csv (the \"csv\" tracker, on by "
+                        "default, writes one per run; --metric TAG names another column)")
+    from matplotlib.figure import Figure   # only for --plot; Figure needs no GUI backend
+    from matplotlib.ticker import MaxNLocator
+
+    figure = Figure(figsize=(6.4 * len(found), 4.4))
+    for axes, (tag, lines) in zip(figure.subplots(1, len(found), squeeze=False)[0], found.items()):
+        for name, epochs, values in lines:
+            axes.plot(epochs, values, marker="." if len(epochs) <= 50 else None, label=name)
+        axes.set(xlabel="epoch", ylabel=tag, title=tag)
+        axes.grid(alpha=0.3)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))    # epochs
+        if len(lines) <= 20:
+            axes.legend(fontsize="small")
+    figure.tight_layout()
+    image_format = Path(path).suffix.lstrip(".").lower() or "png"
+    if image_format not in figure.canvas.get_supported_filetypes():
+        raise UserError(f"--plot-file '{path}': matplotlib cannot write .{image_format}; "
+                        "use a .png (or .pdf, .svg) name")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as f:
+        figure.savefig(f, format=image_format, dpi=120)
+    drawn = sum(len(lines) for lines in found.values())
+    skipped = f"; without that curve: {', '.join(missing)}" if missing else ""
+    return f"wrote {path}: {', '.join(found)} over epochs, {drawn} experiment{'s' if drawn != 1 else ''}{skipped}"

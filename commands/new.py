@@ -26,15 +26,18 @@ import torch.nn.functional as F
 from torch import optim
 
 from agents.base import SupervisedAgent
+from agents.trained import ClassifiesImages
 from datasets.$module import ${title}DataLoader
 from graphs.models.$module import ${title}Net
 from graphs.models.baselines import INITS, NETWORKS, build_baseline, initialize
 from utils.config import Key
 from utils.data import DATA_LOADER_KEYS
 from utils.metrics import classification_metrics
+from utils.predict import image_inference
 
 
-class ${title}Agent(SupervisedAgent):
+# ClassifiesImages: mode=predict classifies image files, mode=export writes ONNX and torch.export files.
+class ${title}Agent(ClassifiesImages, SupervisedAgent):
     # Every key the agent reads, with its default; a config key declared nowhere is an error.
     DEFAULTS = {
         **DATA_LOADER_KEYS,
@@ -53,6 +56,21 @@ class ${title}Agent(SupervisedAgent):
         "monitor_mode": "max",
     }
     metrics = ("loss", "accuracy")              # what validate_step returns
+    modes = ("train", "test", "predict", "export")
+
+    @classmethod
+    def networks(cls, config, inference):
+        """The network, from the config alone: predict and export rebuild it from a checkpoint."""
+        if config.network == "$module":
+            return {"model": initialize(${title}Net(config.image_size[0], config.num_classes), config.init)}
+        return {"model": build_baseline(config.network, math.prod(config.image_size), config.num_classes,
+                                        config.hidden_size, config.init)}
+
+    def inference_info(self):
+        """How predict turns an image file into an input: keep it in step with the data loader's
+        transform (FakeData's images are ToTensor's [0, 1], not normalised: no mean and std)."""
+        channels, height, width = self.config.image_size
+        return image_inference(channels, (height, width), range(self.config.num_classes))
 
     def build(self):
         cfg = self.config
@@ -60,11 +78,7 @@ class ${title}Agent(SupervisedAgent):
             image_size=cfg.image_size, num_classes=cfg.num_classes, train_size=cfg.train_size,
             valid_size=cfg.valid_size, batch_size=cfg.batch_size, test_batch_size=cfg.test_batch_size,
             workers=cfg.data_loader_workers, pin_memory=cfg.pin_memory, device=self.device)
-        if cfg.network == "$module":
-            network = initialize(${title}Net(cfg.image_size[0], cfg.num_classes), cfg.init)
-        else:
-            network = build_baseline(cfg.network, math.prod(cfg.image_size), cfg.num_classes,
-                                     cfg.hidden_size, cfg.init)
+        network = self.networks(cfg, {})["model"]
         self.model = self.add_model("model", network)
         trainable = [p for p in network.parameters() if p.requires_grad]
         self.add_optimizer("optimizer", optim.Adam(trainable, lr=cfg.learning_rate))

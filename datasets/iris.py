@@ -6,6 +6,7 @@ from utils.data import TensorBatchLoader
 from utils.errors import ConfigError
 
 CLASS_NAMES = ("setosa", "versicolor", "virginica")
+FEATURE_NAMES = ("sepal length (cm)", "sepal width (cm)", "petal length (cm)", "petal width (cm)")
 
 
 def load_iris_tensors() -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,6 +43,7 @@ class IrisDataLoader:
                               f"validation flowers of {len(labels)}; use a fraction like 0.2")
         mean, std = features[train].mean(0), features[train].std(0)
         features = (features - mean) / std
+        self.mean, self.std = mean, std      # what new measurements are standardised with (predict)
         self.num_features, self.num_classes = features.shape[1], len(CLASS_NAMES)
         self.train_loader = TensorBatchLoader(features[train].to(device), labels[train].to(device),
                                               batch_size, shuffle=True)

@@ -216,3 +216,17 @@ def test_training_parts_round_trip_and_plain_configs(tmp_path):
     del state["optimizers"]["opt"]
     with pytest.raises(CheckpointError, match="no state for optimizer 'opt'"):
         fresh.load_training(state)
+
+
+def test_the_checkpoint_clock_counts_steps_and_minutes_from_the_last_save(monkeypatch):
+    assert not ckpt.CheckpointClock(None, None).inside_epochs
+    steps = ckpt.CheckpointClock(every=3, minutes=None)
+    assert [steps.due(i) for i in range(5)] == [False, False, False, True, True]
+    steps.saved(3)
+    assert not steps.due(5) and steps.due(6)
+    now = [1000.0]
+    monkeypatch.setattr(ckpt.time, "monotonic", lambda: now[0])
+    minutes = ckpt.CheckpointClock(every=None, minutes=0.5)
+    assert minutes.inside_epochs and not minutes.due(10)
+    now[0] += 30
+    assert minutes.due(10) and not minutes.due(0)          # no step since the last save: nothing new

@@ -134,3 +134,30 @@ def test_shard_loaders_gives_each_rank_its_share_of_every_loader():
     assert (tensors.rank, tensors.world_size) == (1, 2)
     assert data.valid_loader is data.test_loader                 # one loader for two splits: replaced once
     assert torch.cat([b for (b,) in data.valid_loader]).tolist() == [1.0, 3.0, 5.0, 7.0, 9.0]
+
+
+def test_sigterm_stops_every_process_inside_the_epoch_and_the_run_resumes_exactly(tmp_path):
+    """A preempted torchrun job: SIGTERM reaches torchrun, which passes it to both processes; they
+    agree on the step to stop after, rank 0 saves where the epoch is, and a torchrun --resume
+    with as many processes ends where the run never stopped ends. One process cannot take over
+    inside an epoch (its share of the order differs): refused in one line, nothing changed."""
+    tiny = {"batch_size": 16, "n_samples": 320, "max_epoch": 2}      # 10 steps an epoch
+    straight = torchrun([config(exp_name="straight", **tiny)], tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    stopped = torchrun([config(exp_name="split", sigterm_at_iteration=14, **tiny)], tmp_path)
+    assert stopped.returncode != 0
+    exp = tmp_path / "experiments" / "split"
+    state = torch.load(exp / "checkpoints" / "checkpoint.pth.tar", weights_only=True)
+    assert state["epoch"] == 1 and state["iteration"] >= 14 and state["position"]["epoch_position"] >= 4
+    assert results(tmp_path, "split")["status"] == "interrupted"
+
+    before = {path: path.read_bytes() for path in exp.rglob("*") if path.is_file()}
+    alone = run_main_in_process([config(exp_name="split"), "--resume", *set_args(batch_size=32)], tmp_path)
+    assert alone.returncode == 2 and "resume it with as many" in alone.stderr
+    assert len(alone.stderr.strip().splitlines()) == 1
+    assert {path: path.read_bytes() for path in exp.rglob("*") if path.is_file()} == before
+
+    resumed = torchrun([config(exp_name="split"), "--resume"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    for name, value in weights(tmp_path, "straight").items():
+        assert torch.equal(value, weights(tmp_path, "split")[name]), name

@@ -42,3 +42,38 @@ def test_list_shows_each_experiment(tmp_path):
 
 def test_list_starts_without_torch():
     assert imports_torch(["list"]) is False
+
+
+def test_list_plot_draws_the_monitored_metric_of_the_listed_runs_into_one_png(tmp_path):
+    from PIL import Image
+
+    from tests.conftest import run_main_in_process
+    from utils.metrics_csv import MetricsCSV
+
+    experiments = tmp_path / "experiments"
+    for name, monitor, values in (("mnist_a", "val/accuracy", [0.5, 0.7, 0.8]), ("mnist_b", "val/accuracy", [0.4, 0.6]),
+                                  ("iris", "val/loss", [1.0, 0.5]), ("mnist_no_csv", "val/accuracy", [])):
+        (experiments / name).mkdir(parents=True)
+        (experiments / name / "results.json").write_text(json.dumps({"agent": "A", "status": "completed",
+                                                                    "monitor": monitor}))
+        metrics = MetricsCSV(experiments / name / "metrics.csv")
+        for epoch, value in enumerate(values, 1):
+            metrics.add_row(epoch, 10 * epoch, float(epoch), {"train/epoch_loss": 1 / epoch, monitor: value})
+
+    done = run_main_in_process(["list", "mnist*", "--plot"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == ("wrote experiments/curves.png: val/accuracy over epochs, 2 experiments; "
+                                            "without that curve: mnist_no_csv")
+    with Image.open(experiments / "curves.png") as image:
+        assert image.size == (768, 528)                     # one panel: 6.4 x 4.4 inches at 120 dpi
+    done = run_main_in_process(["list", "--plot", "--plot-file", "all.png"], tmp_path)
+    assert done.stdout.splitlines()[-1].startswith("wrote all.png: val/loss, val/accuracy over epochs, 3 experiments")
+    with Image.open(tmp_path / "all.png") as image:
+        assert image.size == (2 * 768, 528)                 # a panel per monitored metric
+    done = run_main_in_process(["list", "iris", "--plot", "--metric", "train/epoch_loss"], tmp_path)
+    assert "train/epoch_loss over epochs, 1 experiment" in done.stdout
+
+    done = run_main_in_process(["list", "--plot", "--metric", "val/nope", "--plot-file", "none.png"], tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: no listed experiment has 'val/nope' in a metrics.csv")
+    assert not (tmp_path / "none.png").exists()

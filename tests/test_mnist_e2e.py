@@ -30,7 +30,7 @@ def trained(shipped_runs):
 @on_its_worker
 def test_a_run_leaves_config_results_summaries_checkpoints_and_logs(trained):
     exp, result = trained.straight, trained.straight_output
-    assert sorted(p.name for p in exp.iterdir()) == ["checkpoints", "config.json", "logs", "out",
+    assert sorted(p.name for p in exp.iterdir()) == ["checkpoints", "config.json", "logs", "metrics.csv", "out",
                                                      "results.json", "summaries"]
     config = json.loads((exp / "config.json").read_text())
     assert config["max_epoch"] == 2 and config["seed"] == 1 and config["early_stopping_patience"] is None

@@ -1,6 +1,6 @@
 """Every shipped config runs: through main.py on tiny fixture data on CPU it trains, leaves its
 config, results and checkpoints, and a run stopped by Ctrl+C and continued with --resume ends
-bitwise where the uninterrupted run ends (tests/shipped.py runs both; the examples' own tests
+bitwise where the uninterrupted run ends, even stopped inside an epoch (tests/shipped.py runs both; the examples' own tests
 check what only their example does, on the same runs)."""
 import json
 import math
@@ -12,7 +12,8 @@ import torch
 from tests.shipped import SHIPPED, checkpoint, shipped_configs
 
 # What a checkpoint holds that the continued run must reproduce (not its wall time or config).
-REPRODUCED = ("epoch", "iteration", "models", "optimizers", "schedulers", "scaler", "extra", "rng")
+REPRODUCED = ("epoch", "iteration", "models", "optimizers", "schedulers", "scaler", "extra", "rng", "position",
+              "ema", "best", "early_stopping")
 
 
 def differences(a, b, where: str = "") -> list[str]:
@@ -50,20 +51,29 @@ def test_a_shipped_config_trains_and_resumes_where_it_stopped(name, shipped_runs
     results = json.loads((straight / "results.json").read_text())
     state = checkpoint(straight)                                                 # plain: weights_only
     assert results["status"] == "completed" and results["agent"] == state["agent"] == config["agent"]
-    assert results["epochs_done"] == state["epoch"] > tiny.interrupt_after
-    assert results["iterations"] == state["iteration"] > 0
-    assert set(results["params"]) == set(state["models"]) and results["wall_time_s"] > 0
+    assert results["epochs_done"] == state["epoch"] >= 2
+    assert results["iterations"] == state["iteration"] > run.interrupt_at
+    assert state["position"] is None                                             # it ended at an epoch's end
     saved = {p.name for p in (straight / "checkpoints").iterdir()}
     assert "checkpoint.pth.tar" in saved and ("model_best.pth.tar" in saved) == (results["monitor"] is not None)
     assert run.straight_output.stderr == ""
 
-    # Ctrl+C as epoch interrupt_after + 1 starts: a checkpoint of the epochs done, exit code 130.
+    # SIGINT after step k, inside an epoch: the run stops at the next safe point (at once; DQN at
+    # the episode's end), saves where it is, exits with 130.
+    stopped = run.interrupted_checkpoint
     assert run.interrupted_results["status"] == "interrupted"
-    assert run.interrupted_results["epochs_done"] == run.interrupted_checkpoint["epoch"] == tiny.interrupt_after
     assert "Traceback" not in run.interrupted_output.stderr
-    assert f"interrupted: checkpoint saved at epoch {tiny.interrupt_after}" in run.interrupted_output.stdout
+    assert f"interrupted: checkpoint saved at epoch {stopped['epoch']}, iteration {stopped['iteration']} (" \
+        in run.interrupted_output.stdout
+    assert stopped["position"]["epoch_position"] > 0 and stopped["position"]["train_metrics"] is None
+    if name.startswith("dqn"):
+        assert stopped["iteration"] >= run.interrupt_at
+    else:
+        assert stopped["iteration"] == run.interrupt_at              # the step it was in, no further
+        per_epoch = results["iterations"] // results["epochs_done"]
+        assert stopped["epoch"] * per_epoch + stopped["position"]["epoch_position"] == run.interrupt_at
+    assert f"resumed from epoch {stopped['epoch']}, iteration {stopped['iteration']}, " in run.resumed_output.stdout
 
-    assert f"resumed from epoch {tiny.interrupt_after}" in run.resumed_output.stdout
     resumed = json.loads((run.split / "results.json").read_text())
     assert resumed["status"] == "completed"
     if not tiny.resumes_bitwise:
@@ -71,5 +81,21 @@ def test_a_shipped_config_trains_and_resumes_where_it_stopped(name, shipped_runs
     for key in ("epochs_done", "iterations", "best", "last"):
         assert resumed[key] == results[key], key
     continued = checkpoint(run.split)
-    assert differences(state["models"], run.interrupted_checkpoint["models"])    # training went on after it
+    assert differences(state["models"], stopped["models"])    # training went on after it
     assert differences({key: state[key] for key in REPRODUCED}, {key: continued[key] for key in REPRODUCED}) == []
+    # Each training value once at each step, the same steps as the straight run's.
+    assert training_curves(run.split) == training_curves(straight)
+
+
+def training_curves(exp) -> dict:
+    """{tag: [steps]} of the train/ scalars in the experiment's TensorBoard event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    curves = {}
+    for events in sorted((exp / "summaries").glob("events.*")):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            if tag.startswith("train/"):
+                curves.setdefault(tag, []).extend(event.step for event in accumulator.Scalars(tag))
+    return {tag: sorted(steps) for tag, steps in curves.items()}

@@ -1,5 +1,7 @@
 """A seconds-fast agent for testing BaseAgent: a linear classifier on fixed random points.
 Used in configs as "agent": "tests.tiny_agent:TinyAgent" (a user's own agent, not registered)."""
+import os
+import signal
 import time
 from types import NoneType, SimpleNamespace
 
@@ -34,10 +36,14 @@ class TinyAgent(SupervisedAgent):
         "crash_at_iteration": Key(None, types=(int, NoneType), minimum=0),
         "crash_rank": Key(1, minimum=0),
         "crash_by_hanging": False,    # instead of raising, stop answering (a stuck process)
+        # This rank sends torchrun SIGTERM at this iteration, as a preempted job gets (torchrun
+        # passes it on to every process).
+        "sigterm_at_iteration": Key(None, types=(int, NoneType), minimum=0),
     }
     metrics = ("loss", "accuracy")
     # Fault injection is not part of the run: a resumed run may drop it.
-    resumable_keys = SupervisedAgent.resumable_keys + ("crash_at_iteration", "crash_rank", "crash_by_hanging")
+    resumable_keys = SupervisedAgent.resumable_keys + ("crash_at_iteration", "crash_rank", "crash_by_hanging",
+                                                       "sigterm_at_iteration")
 
     def build(self):
         cfg = self.config
@@ -61,6 +67,8 @@ class TinyAgent(SupervisedAgent):
         self.data_loader = SimpleNamespace(train_loader=train, valid_loader=valid)
 
     def train_step(self, batch):
+        if self.current_iteration == self.config.sigterm_at_iteration and self.rank == self.config.crash_rank:
+            os.kill(os.getppid(), signal.SIGTERM)
         if self.current_iteration == self.config.crash_at_iteration and self.rank == self.config.crash_rank:
             if self.config.crash_by_hanging:
                 time.sleep(3600)

@@ -2,6 +2,7 @@
 it (written atomically, loaded with weights_only), and RNG state capture."""
 import pickle
 import random
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -109,6 +110,29 @@ class CheckpointSaver:
             copy_atomic(self.latest, self.folder / f"epoch_{epoch:04d}.pth.tar")
             for old in sorted(self.folder.glob("epoch_*.pth.tar"))[:-self.keep_last]:
                 old.unlink()
+
+
+class CheckpointClock:
+    """When a checkpoint is due inside an epoch: `every` optimizer steps and/or `minutes` after
+    the last one (both None: never; epoch ends save anyway)."""
+
+    def __init__(self, every: int | None, minutes: float | None):
+        self.every, self.minutes = every, minutes
+        self.saved(0)
+
+    @property
+    def inside_epochs(self) -> bool:
+        return self.every is not None or self.minutes is not None
+
+    def saved(self, iteration: int):
+        self.iteration, self.when = iteration, time.monotonic()
+
+    def due(self, iteration: int) -> bool:
+        if iteration == self.iteration:
+            return False
+        if self.every is not None and iteration - self.iteration >= self.every:
+            return True
+        return self.minutes is not None and time.monotonic() - self.when >= 60 * self.minutes
 
 
 class TrainingParts:

@@ -301,7 +301,7 @@ def resolve(data: Mapping, spec: Mapping, owner: str) -> EasyDict:
 def experiment_paths(exp_name: str, root: Path = EXPERIMENTS_ROOT) -> EasyDict:
     exp_dir = Path(root) / exp_name
     return EasyDict(root=exp_dir, summaries=exp_dir / "summaries", checkpoints=exp_dir / "checkpoints",
-                    out=exp_dir / "out", logs=exp_dir / "logs")
+                    out=exp_dir / "out", logs=exp_dir / "logs", export=exp_dir / "export")
 
 
 def has_checkpoints(paths) -> bool:
@@ -312,13 +312,14 @@ def clear_experiment(paths) -> list[str]:
     """--force: start the experiment over. Returns what it deleted (names under the experiment),
     for the log line that says so."""
     deleted = []
-    for folder in (paths.checkpoints, paths.summaries, paths.out, paths.logs):
+    for folder in (paths.checkpoints, paths.summaries, paths.out, paths.logs, paths.export):
         if folder.is_dir() and any(folder.iterdir()):
             deleted.append(f"{folder.name}/ ({sum(1 for p in folder.rglob('*') if p.is_file())} files)")
         shutil.rmtree(folder, ignore_errors=True)
-    if (paths.root / "results.json").is_file():
-        deleted.append("results.json")
-    (paths.root / "results.json").unlink(missing_ok=True)
+    for record in ("metrics.csv", "results.json"):
+        if (paths.root / record).is_file():
+            deleted.append(record)
+        (paths.root / record).unlink(missing_ok=True)
     return deleted
 
 

@@ -26,6 +26,7 @@ class TensorBatchLoader:
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.transform = transform
         self.rank, self.world_size = 0, 1
+        self.order = None      # the last pass's permutation, with shuffle
 
     @property
     def device(self) -> torch.device | None:
@@ -50,19 +51,25 @@ class TensorBatchLoader:
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self):
+        return self.iterate()
+
+    def iterate(self, start: int = 0, order: torch.Tensor | None = None):
+        """The batches from batch `start` on. A shuffled loader draws the epoch's permutation (kept
+        as self.order, the whole data set's, before sharding) or continues the pass of `order`."""
         n, local = len(self.inputs), self._local_count()
         if self.shuffle:
-            order = torch.randperm(n)[self.rank::self.world_size][:local].to(self.inputs.device)
+            self.order = torch.randperm(n) if order is None else order.cpu()
+            index_order = self.order[self.rank::self.world_size][:local].to(self.inputs.device)
         elif self.world_size > 1:
-            order = torch.arange(self.rank, n, self.world_size, device=self.inputs.device)
+            index_order = torch.arange(self.rank, n, self.world_size, device=self.inputs.device)
         else:
-            order = None
-        for i in range(len(self)):
-            start, stop = i * self.batch_size, min((i + 1) * self.batch_size, local)
-            if order is None:
-                inputs, targets = self.inputs[start:stop], self.targets[start:stop]
+            index_order = None
+        for i in range(start, len(self)):
+            begin, stop = i * self.batch_size, min((i + 1) * self.batch_size, local)
+            if index_order is None:
+                inputs, targets = self.inputs[begin:stop], self.targets[begin:stop]
             else:
-                index = order[start:stop]
+                index = index_order[begin:stop]
                 inputs, targets = self.inputs[index], self.targets[index]
             yield (self.transform(inputs) if self.transform else inputs), targets
 
@@ -77,11 +84,11 @@ DATA_LOADER_KEYS = {
 
 def make_data_loader(dataset, batch_size: int, shuffle: bool, workers: int, pin_memory, device,
                      drop_last: bool = False, **kwargs) -> torch.utils.data.DataLoader:
-    """A DataLoader set up as every agent wants one: pinned memory on CUDA, shuffling and the
-    workers' random seeds drawn from torch's seeded global generator each epoch, so a resumed run
-    shuffles and augments as the uninterrupted one (workers kept alive between epochs would carry
-    their random state on, and a resumed run could not restore it). Under torchrun, BaseAgent
-    swaps its sampler for a DistributedSampler."""
+    """A DataLoader set up as every agent wants one: pinned memory on CUDA. An agent's
+    train_loader is rebuilt by BaseAgent on utils.batches' EpochSampler and SeededSamples (the
+    order from (seed, epoch), each sample's augmentation from (seed, epoch, index)), so a run
+    resumed inside an epoch shuffles and augments as the uninterrupted one, in any worker; under
+    torchrun its other loaders get a DistributedSampler."""
     pin = torch.device(device).type == "cuda" if pin_memory == "auto" else bool(pin_memory)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
                                        num_workers=workers, pin_memory=pin, **kwargs)

@@ -42,8 +42,10 @@ def init(device: torch.device, timeout_s: float):
 
 
 def shutdown():
+    global _cpu_group
     if dist.is_initialized():
         dist.destroy_process_group()
+    _cpu_group = None
 
 
 def barrier():
@@ -61,6 +63,22 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     reduced = values.to(backend_device)
     dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
     return reduced.to(values.device)
+
+
+_cpu_group = None
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is true on any process: a stop request one process received holds for all.
+    Over gloo (a side group under NCCL), so asking costs no wait on the GPU's queue."""
+    global _cpu_group
+    if not dist.is_initialized():
+        return flag
+    if dist.get_backend() != "gloo" and _cpu_group is None:
+        _cpu_group = dist.new_group(backend="gloo")
+    value = torch.tensor([float(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_cpu_group if dist.get_backend() != "gloo" else None)
+    return bool(value.item())
 
 
 def shard_data_loader(loader, seed: int, rank: int, world_size: int):
@@ -85,8 +103,9 @@ LOADER_ATTRIBUTES = ("train_loader", "valid_loader", "test_loader")
 
 def shard_loaders(data_loader, seed: int, rank: int, world_size: int):
     """Give this process its share of every loader of `data_loader` (an agent's data loader object,
-    built as for one process): a TensorBatchLoader is told its rank, a torch DataLoader gets a
-    DistributedSampler (a loader used for two splits is replaced once)."""
+    built as for one process): a TensorBatchLoader or an EpochSampler is told its rank, another
+    torch DataLoader gets a DistributedSampler (a loader used for two splits is replaced once)."""
+    from utils.batches import EpochSampler
     from utils.data import TensorBatchLoader
 
     replaced = {}
@@ -94,6 +113,8 @@ def shard_loaders(data_loader, seed: int, rank: int, world_size: int):
         loader = getattr(data_loader, attribute, None)
         if isinstance(loader, TensorBatchLoader):
             loader.shard(rank, world_size)
+        elif isinstance(getattr(loader, "sampler", None), EpochSampler):   # a resumable train_loader
+            loader.sampler.shard(rank, world_size)
         elif isinstance(loader, torch.utils.data.DataLoader):
             if id(loader) not in replaced:
                 replaced[id(loader)] = shard_data_loader(loader, seed, rank, world_size)

@@ -11,12 +11,20 @@ import tempfile
 import threading
 from pathlib import Path
 
+from utils import interrupts
+
 
 @contextlib.contextmanager
 def interrupts_deferred():
     """Hold Ctrl+C (SIGINT) and SIGTERM until the block is done, then raise KeyboardInterrupt.
     torch.save interrupted halfway raises a RuntimeError from its zip writer instead of the
-    KeyboardInterrupt, which would turn a clean Ctrl+C into a crash."""
+    KeyboardInterrupt, which would turn a clean Ctrl+C into a crash. While a run trains, its
+    utils.interrupts.GracefulStop owns the signals: they count, and the third aborts the write."""
+    stop = interrupts.active()
+    if stop is not None:
+        with stop.writing():
+            yield
+        return
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -60,7 +68,22 @@ def atomic_write(path, mode: str = "wb"):
             Path(tmp).unlink(missing_ok=True)
             if isinstance(e, OSError) and e.filename is None:
                 e.filename = str(path)   # a write or fsync on a full disk names no file
+            stop = interrupts.active()
+            if stop is not None and stop.aborted and not isinstance(e, interrupts.Aborted):
+                raise interrupts.Aborted from None   # torch.save's zip writer turns it into a RuntimeError
             raise
+
+
+def remove_unfinished(folder) -> list[str]:
+    """Delete the temporary files atomic_write left in `folder` when its process was killed
+    mid-write (SIGKILL, a lost node); they were never renamed, so no reader saw them. Only for the
+    one process that writes there (the experiment lock's holder). Returns their names."""
+    folder = Path(folder)
+    removed = []
+    for path in folder.glob("*.*.tmp") if folder.is_dir() else []:
+        path.unlink(missing_ok=True)
+        removed.append(path.name)
+    return removed
 
 
 def write_json_atomic(path, data):

@@ -9,8 +9,9 @@ from utils.errors import ConfigError
 
 
 def seed_everything(seed: int):
-    """Seed python, numpy and torch (CPU and every CUDA device). DataLoader workers follow: each
-    draws its base seed from torch's generator and seeds its own python, numpy and torch from it."""
+    """Seed python, numpy and torch (CPU and every CUDA device). A train_loader's order and
+    augmentation are seeded per epoch and per sample (utils.batches); other DataLoaders' workers
+    draw their base seed from torch's generator."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds all CUDA devices

@@ -136,6 +136,13 @@ def unshuffled_first_batches(loader, count: int) -> list:
         finally:
             loader.shuffle = shuffle
     if isinstance(loader, torch.utils.data.DataLoader):
+        from utils.batches import EpochSampler
+
+        if isinstance(loader.sampler, EpochSampler):      # its data set takes (epoch, index) keys
+            sampler = EpochSampler(len(loader.dataset), shuffle=False, seed=loader.sampler.seed)
+            return _take(torch.utils.data.DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler,
+                                                     num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+                                                     drop_last=loader.drop_last), count)
         loader = torch.utils.data.DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False,
                                              num_workers=loader.num_workers, collate_fn=loader.collate_fn,
                                              drop_last=loader.drop_last)
