@@ -284,13 +284,15 @@ class BaseAgent(abc.ABC):
         An iteration with several optimizers (a GAN's two) passes last=False to all but its final
         step. Returns whether the optimizer stepped (False on a batch that only accumulates)."""
         scaler, group = self.scaler, self.accumulation
-        if group.between_groups:
+        accumulating = group.k > 1
+        if not accumulating or group.between_groups:
             optimizer.zero_grad(set_to_none=True)
-            group.start_group()
-        if group.group_size > 1:     # the mean over the group's batches, as one batch of them
+            if accumulating:
+                group.start_group()
+        if accumulating and group.group_size > 1:   # the mean over the group's batches, as one batch of them
             loss = loss / group.group_size
         (loss if scaler is None else scaler.scale(loss)).backward()
-        if not group.passed():
+        if accumulating and not group.passed():
             return False
         if self.config.grad_clip is not None:
             self._clip_gradients(optimizer)
@@ -360,9 +362,11 @@ class BaseAgent(abc.ABC):
         count = len(loader) if isinstance(loader, list) else batch_count(self._train_limit, len(loader))
         start, order = self.in_epoch.take_start()
 
+        group = self.accumulation
+
         def before_batch(index):
-            self.accumulation.batches_left = count - index
-            if self.accumulation.between_groups:
+            group.batches_left = count - index
+            if group.micro_batch == 0:
                 self.safe_point(index)
 
         self.in_epoch.batches = EpochBatches(loader, count, start, before_batch, order)
@@ -401,12 +405,13 @@ class BaseAgent(abc.ABC):
         `epoch_position` batches (episodes) of the epoch done: a stop request stops the run here,
         and a checkpoint due by checkpoint_every(_minutes) is written here."""
         self.in_epoch.position = epoch_position
-        if self.stop is not None:
+        stop = self.stop
+        if stop is not None and (stop.count or self.world_size > 1):
             # every process stops after the same step, or the others would wait for it forever
-            requested = distributed.any_process(self.stop.requested) if self.world_size > 1 else self.stop.requested
-            if requested:
+            if distributed.any_process(stop.requested) if self.world_size > 1 else stop.requested:
                 raise interrupts.StopRequested
-        if self.checkpoint_clock.due(self.current_iteration):
+        clock = self.checkpoint_clock
+        if clock.inside_epochs and clock.due(self.current_iteration):
             self.save_checkpoint(is_best=False)
 
     def log_scalars(self, values: dict, step: int):

@@ -96,6 +96,19 @@ def run_main_in_process(args, cwd: Path) -> Ran:
     return Ran(code, stdout.getvalue(), stderr.getvalue())
 
 
+def one_error_line(done: Ran) -> str:
+    """The one "error: ..." line a run that refused its input printed (exit code 2, no traceback)."""
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    return lines[0]
+
+
+def group(name: str):
+    """A parameter that runs on the xdist worker of the tests of the shipped run `name`."""
+    return pytest.param(name, marks=pytest.mark.xdist_group(name))
+
+
 def snapshot(folder: Path) -> dict:
     """{relative path: bytes} of every file under folder."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -160,7 +173,10 @@ def shipped_runs(request, tmp_path_factory):
 SLOWEST = ["test_tutorials.py::test_getting_started", "test_tutorials.py::test_mnist_tutorial",
            "test_distributed.py", "test_user_errors.py::test_the_generated_test",
            "test_experiment_safety.py::test_one_writer", "test_iris.py::test_baseline_experiments_script",
-           "test_shipped_configs.py", "test_erfnet.py::test_train_validate", "test_mnist_e2e.py::test_ctrl_c"]
+           "test_shipped_configs.py", "test_export.py::test_export_writes_files_that_agree_with_eager[erfnet",
+           "test_interrupts.py::test_sigkill", "test_docs.py::test_page_runs_as_written[docs/predict-export",
+           "test_docs.py::test_page_runs_as_written[README", "test_erfnet.py::test_train_validate",
+           "test_mnist_e2e.py::test_ctrl_c"]
 
 
 def pytest_configure(config):

@@ -15,21 +15,10 @@ import torch
 from PIL import Image
 
 from agents.trained import load_trained
-from tests.conftest import ROOT, run_main_in_process, set_args, snapshot, synthetic_digits
+from tests.conftest import ROOT, group, one_error_line, run_main_in_process, set_args, snapshot, synthetic_digits
 from utils.export import TOLERANCE, ExportError, export_verified
 
 EXPORTED = {"export/model.onnx", "export/model.pt2", "export/inference.json"}
-
-
-def group(name):
-    return pytest.param(name, marks=pytest.mark.xdist_group(name))
-
-
-def one_error_line(done) -> str:
-    assert "Traceback" not in done.stderr, done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
-    return lines[0]
 
 
 def real_batch(name, preprocess, request) -> torch.Tensor:

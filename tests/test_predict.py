@@ -17,21 +17,10 @@ from PIL import Image
 
 from agents.trained import load_trained
 from tests import conftest
-from tests.conftest import run_main_in_process, set_args, snapshot, synthetic_digits
+from tests.conftest import group, one_error_line, run_main_in_process, set_args, snapshot, synthetic_digits
 from utils.errors import CheckpointError
 
 NOWHERE = {"data_folder": "no/data/here"}   # predicting needs no data set: a copied experiment is enough
-
-
-def group(name):
-    return pytest.param(name, marks=pytest.mark.xdist_group(name))
-
-
-def one_error_line(done) -> str:
-    assert "Traceback" not in done.stderr, done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
-    return lines[0]
 
 
 def changed_files(before: dict, after: dict) -> set:

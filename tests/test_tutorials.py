@@ -18,7 +18,9 @@ TUTORIALS = ROOT / "tutorials"
 
 
 def run_tutorial(name: str, workdir: Path) -> tuple[Path, dict]:
-    return run_page(TUTORIALS / name, workdir)
+    # main.py's runs in this process until the tutorial changes the code (`new`, a .py file);
+    # run.sh itself still runs: its verbs (list, test, torchrun) and every run after `new`.
+    return run_page(TUTORIALS / name, workdir, main_in_process=True)
 
 
 def test_tutorial_steps_are_found():

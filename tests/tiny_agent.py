@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn, optim
 
 from agents.base import SupervisedAgent
+from utils import interrupts
 from utils.config import Key
 from utils.data import DATA_LOADER_KEYS, TensorBatchLoader, make_data_loader
 from utils.metrics import classification_metrics
@@ -70,8 +71,10 @@ class TinyAgent(SupervisedAgent):
         if self.current_iteration == self.config.sigterm_at_iteration and self.rank == self.config.crash_rank:
             os.kill(os.getppid(), signal.SIGTERM)
         if self.current_iteration == self.config.crash_at_iteration and self.rank == self.config.crash_rank:
-            if self.config.crash_by_hanging:
-                time.sleep(3600)
+            if self.config.crash_by_hanging:   # stuck, until torchrun's SIGTERM asks it to stop
+                while not self.stop.requested:
+                    time.sleep(0.05)
+                raise interrupts.StopRequested
             raise RuntimeError(f"simulated crash of rank {self.rank}")
         points, labels = batch
         return F.cross_entropy(self.model(points), labels)

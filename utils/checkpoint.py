@@ -118,11 +118,8 @@ class CheckpointClock:
 
     def __init__(self, every: int | None, minutes: float | None):
         self.every, self.minutes = every, minutes
+        self.inside_epochs = every is not None or minutes is not None
         self.saved(0)
-
-    @property
-    def inside_epochs(self) -> bool:
-        return self.every is not None or self.minutes is not None
 
     def saved(self, iteration: int):
         self.iteration, self.when = iteration, time.monotonic()
