@@ -681,6 +681,16 @@ class BaseAgent(abc.ABC):
             self.add_model(name, module)
             setattr(self, name, self.parts.models[name])
 
+    def record_predictions(self, names: list, probabilities: torch.Tensor, class_names: list, noun: str):
+        """A classifier's predict: out/predictions.csv, results.json's entry, a short table in the log."""
+        from utils.predict import prediction_table, write_predictions
+
+        self.mode_results = {**write_predictions(self.paths.out / "predictions.csv", names, probabilities,
+                                                 class_names), "epoch": self.current_epoch}
+        self.logger.info(f"{len(names):,} {noun} classified by the model of epoch {self.current_epoch}; "
+                         f"{self.mode_results['predictions']}:\n"
+                         + prediction_table(names, probabilities, class_names))
+
     def export_target(self):
         """utils.export.ExportTarget: the module mode=export writes, and the inputs it is traced on."""
         raise NotImplementedError(f"{type(self).__name__} has no export_target()")

@@ -9,8 +9,7 @@ from graphs.models.baselines import INITS, NETWORKS, build_baseline
 from utils.config import Key
 from utils.export import ExportTarget
 from utils.metrics import classification_metrics
-from utils.predict import (FeatureTransform, class_probabilities, input_files, prediction_table, read_feature_rows,
-                           write_predictions)
+from utils.predict import FeatureTransform, class_probabilities, input_files, read_feature_rows
 
 
 class IrisAgent(SupervisedAgent):
@@ -74,11 +73,7 @@ class IrisAgent(SupervisedAgent):
                 names.append(f"{file}:{line}")
                 rows.append(values)
         probabilities = class_probabilities(self.model, transform(rows), self.device)
-        self.mode_results = {**write_predictions(self.paths.out / "predictions.csv", names, probabilities,
-                                                 transform.class_names), "epoch": self.current_epoch}
-        self.logger.info(f"{len(rows):,} flowers classified by the model of epoch {self.current_epoch}; "
-                         f"{self.mode_results['predictions']}:\n"
-                         + prediction_table(names, probabilities, transform.class_names))
+        self.record_predictions(names, probabilities, transform.class_names, "flowers")
 
     def export_target(self):
         """The network on 2 rows of standardised measurements."""

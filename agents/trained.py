@@ -19,8 +19,7 @@ from utils import checkpoint as ckpt
 from utils.checkpoint import TrainingParts
 from utils.errors import CheckpointError
 from utils.export import ExportTarget
-from utils.predict import IMAGE_EXTENSIONS, ImageTransform, class_probabilities, input_files, prediction_table, \
-    write_predictions
+from utils.predict import IMAGE_EXTENSIONS, ImageTransform, class_probabilities, input_files
 
 SUFFIX = ".pth.tar"
 
@@ -121,11 +120,7 @@ class ClassifiesImages:
         images = torch.stack([transform.tensor(file) for file in files])   # every file read before any is written
         probabilities = class_probabilities(self.model, images, self.device)
         names = [str(file) for file in files]
-        self.mode_results = {**write_predictions(self.paths.out / "predictions.csv", names, probabilities,
-                                                 transform.class_names), "epoch": self.current_epoch}
-        self.logger.info(f"{len(files):,} images classified by the model of epoch {self.current_epoch}; "
-                         f"{self.mode_results['predictions']}:\n"
-                         + prediction_table(names, probabilities, transform.class_names))
+        self.record_predictions(names, probabilities, transform.class_names, "images")
 
     def export_target(self):
         """The classifier, traced on a batch of 2 images of random pixels."""

@@ -5,22 +5,10 @@ import pytest
 import torch
 
 from agents import make_config
+from tests.tiny_agent import TINY, build, trained
 from utils import checkpoint as ckpt
 from utils.errors import CheckpointError, UserError
 
-TINY = {"exp_name": "tiny", "agent": "tests.tiny_agent:TinyAgent", "progress_bar": False}
-
-
-def build(overrides=(), checkpoint=None, **config):
-    cls, cfg = make_config({**TINY, **config}, overrides)
-    return cls(cfg, checkpoint)
-
-
-def trained(**config):
-    agent = build(**config)
-    agent.run()
-    agent.finalize()
-    return agent
 
 
 @pytest.fixture(autouse=True)

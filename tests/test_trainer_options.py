@@ -7,27 +7,15 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from agents import make_config
+from tests.tiny_agent import TINY, build, trained
 from utils import checkpoint as ckpt
 from utils.errors import ConfigError
 
-TINY = {"exp_name": "tiny", "agent": "tests.tiny_agent:TinyAgent", "progress_bar": False}
 
 
 @pytest.fixture(autouse=True)
 def in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-
-
-def build(checkpoint=None, **config):
-    cls, cfg = make_config({**TINY, **config})
-    return cls(cfg, checkpoint)
-
-
-def trained(**config):
-    agent = build(**config)
-    agent.run()
-    agent.finalize()
-    return agent
 
 
 def events(exp="tiny"):

@@ -82,3 +82,22 @@ class TinyAgent(SupervisedAgent):
     def validate_step(self, batch):
         points, labels = batch
         return classification_metrics(self.model(points), labels)
+
+
+# For the tests that run it in-process: its config, built (and restored from `checkpoint`), or
+# built and run to the end.
+TINY = {"exp_name": "tiny", "agent": "tests.tiny_agent:TinyAgent", "progress_bar": False}
+
+
+def build(overrides=(), checkpoint=None, **config):
+    from agents import make_config
+
+    cls, cfg = make_config({**TINY, **config}, overrides)
+    return cls(cfg, checkpoint)
+
+
+def trained(**config):
+    agent = build(**config)
+    agent.run()
+    agent.finalize()
+    return agent
