@@ -7,9 +7,10 @@ classifiers (MNIST, CondenseNet, a scaffolded agent) share for those two modes.
     probabilities = model(preprocess("digit.png")).softmax(dim=1)        # (1, 10)
     print(preprocess.class_names[probabilities.argmax()])
 
-An agent takes part by defining networks() (its networks from a config and a checkpoint's
-"inference" entry), inference_info() (that entry: input size, normalisation, class names) and
-input_transform() (the preprocess of that entry); see BaseAgent.
+An agent takes part through the hooks of TrainedModelHooks (a base of BaseAgent): networks() (its
+networks from a config and a checkpoint's "inference" entry), inference_info() (that entry: input
+size, normalisation, class names), input_transform() (the preprocess of that entry), and for the
+two modes predict() and export_target().
 """
 from pathlib import Path
 
@@ -18,10 +19,71 @@ import torch
 from utils import checkpoint as ckpt
 from utils.checkpoint import TrainingParts
 from utils.errors import CheckpointError
-from utils.export import ExportTarget
-from utils.predict import IMAGE_EXTENSIONS, ImageTransform, class_probabilities, input_files
+from utils.training import EMA
 
 SUFFIX = ".pth.tar"
+# Modes that use a trained model: they build its networks alone (no data set, no optimizer) and
+# write only their own output (out/, export/) and their entry in results.json.
+USING_MODES = ("predict", "export")
+
+
+class TrainedModelHooks:
+    """What BaseAgent has for using a trained model. predict, export and load_trained rebuild an
+    agent's networks from a checkpoint alone: its config and the "inference" entry that
+    inference_info() filled when it was saved."""
+
+    @classmethod
+    def networks(cls, config, inference: dict) -> dict:
+        """{checkpoint name: module} of the networks a trained model is used through (the first is
+        "the model"), built from the training run's config and a checkpoint's inference entry."""
+        raise NotImplementedError(f"{cls.__name__} does not say how to rebuild its networks (networks())")
+
+    def inference_info(self) -> dict:
+        """What using the trained model needs besides its weights (input size and channels,
+        normalisation, class names), saved in every checkpoint; plain types only."""
+        return {}
+
+    @classmethod
+    def input_transform(cls, inference: dict, device="cpu"):
+        """The callable from the agent's raw inputs to the batch the model takes (load_trained's preprocess)."""
+        raise NotImplementedError(f"{cls.__name__} defines no input transform (input_transform())")
+
+    def export_target(self):
+        """utils.export.ExportTarget: the module mode=export writes, and the inputs it is traced on."""
+        raise NotImplementedError(f"{type(self).__name__} has no export_target()")
+
+    def build_networks(self, checkpoint: dict):
+        """predict and export: the checkpoint's networks as load_trained rebuilds them (from the
+        config they were trained with), declared, and set as attributes of their names."""
+        _, trained = trained_config(checkpoint)
+        self.inference = inference_entry(checkpoint)
+        for name, module in rebuild_networks(type(self), trained, self.inference).items():
+            self.add_model(name, module)
+            setattr(self, name, self.parts.models[name])
+
+    def record_predictions(self, names: list, probabilities: torch.Tensor, class_names: list, noun: str):
+        """A classifier's predict: out/predictions.csv, results.json's entry, a short table in the log."""
+        from utils.predict import prediction_table, write_predictions
+
+        self.mode_results = {**write_predictions(self.paths.out / "predictions.csv", names, probabilities,
+                                                 class_names), "epoch": self.current_epoch}
+        self.logger.info(f"{len(names):,} {noun} classified by the model of epoch {self.current_epoch}; "
+                         f"{self.mode_results['predictions']}:\n"
+                         + prediction_table(names, probabilities, class_names))
+
+    def export(self):
+        """export/model.onnx (torch.onnx, dynamo exporter) and export/model.pt2 (torch.export) of
+        export_target(), each checked against eager PyTorch on a batch before it is kept."""
+        from utils.export import export_verified
+
+        target = self.export_target()
+        results = export_verified(target.module, target.example, self.paths.export, target.dynamic_shapes,
+                                  target.check, inference=self.inference)
+        self.mode_results = {**results, "epoch": self.current_epoch}
+        differences = ", ".join(f"{name} {value:.2g}" for name, value in results["max_abs_difference"].items())
+        self.logger.info(f"exported the model of epoch {self.current_epoch} to {results['onnx']} and {results['pt2']}; "
+                         f"on a batch of {results['check_shapes'][0][0]} against eager PyTorch, the largest absolute "
+                         f"difference: {differences} (tolerance {results['tolerance']:.1g})")
 
 
 def load_trained(experiment, checkpoint: str = "model_best", device="cpu"):
@@ -99,8 +161,7 @@ def load_evaluation_weights(networks: dict, state: dict, ema_model: str | None):
     parts.load_models(state)
     averaged = ema_model or next(iter(state["models"]))
     if state.get("ema") is not None and averaged in networks:
-        weights = {key[len("module."):]: value for key, value in state["ema"].items() if key.startswith("module.")}
-        networks[averaged].load_state_dict(weights)
+        networks[averaged].load_state_dict(EMA.averaged_weights(state["ema"]))
 
 
 class ClassifiesImages:
@@ -110,11 +171,15 @@ class ClassifiesImages:
     model; load_trained's preprocess is an ImageTransform."""
 
     @classmethod
-    def input_transform(cls, inference: dict, device="cpu") -> ImageTransform:
+    def input_transform(cls, inference: dict, device="cpu"):
+        from utils.predict import ImageTransform
+
         return ImageTransform(inference["channels"], inference["size"], inference["mean"], inference["std"], device,
                               inference["class_names"])
 
     def predict(self):
+        from utils.predict import IMAGE_EXTENSIONS, class_probabilities, input_files
+
         files = input_files(self.config.predict_input, IMAGE_EXTENSIONS, "images")
         transform = self.input_transform(self.inference, self.device)
         images = torch.stack([transform.tensor(file) for file in files])   # every file read before any is written
@@ -124,5 +189,7 @@ class ClassifiesImages:
 
     def export_target(self):
         """The classifier, traced on a batch of 2 images of random pixels."""
+        from utils.export import ExportTarget
+
         transform = self.input_transform(self.inference, self.device)
         return ExportTarget(self.model, (transform.random_batch(2),))

@@ -253,8 +253,32 @@ class EpochProgress:
     def end_epoch(self):
         self.position, self.batches, self.trained, self.rng_after_training = 0, None, None, None
 
+    def describe_resumed(self, unit: str, epochs_done: int) -> str:
+        """How the resume line names the checkpoint's position: ", 3 batches into epoch 5"."""
+        if self.resumed is None:
+            return ""
+        if self.resumed["train_metrics"] is not None:
+            return f" (epoch {epochs_done + 1} trained: its validation runs again)"
+        return f", {self.resumed['epoch_position']} {unit} into epoch {epochs_done + 1}"
+
     def describe(self, unit: str, epochs_done: int) -> str:
         """How a log line names the position: " (3 batches into epoch 5)"."""
         if self.trained is not None:
             return f" (epoch {epochs_done + 1} trained, its validation left)"
         return f" ({self.position} {unit} into epoch {epochs_done + 1})" if self.position else ""
+
+
+def make_train_loader_resumable(data_loader, seed: int, inside_epochs: bool, owner: str):
+    """data_loader.train_loader (if it has one) rebuilt by resumable_loader; one clear error when
+    checkpoint_every(_minutes) asks for checkpoints inside epochs of a loader whose order a
+    checkpoint cannot hold."""
+    from utils.errors import ConfigError
+
+    loader = getattr(data_loader, "train_loader", None)
+    if loader is None:
+        return
+    data_loader.train_loader = loader = resumable_loader(loader, seed)
+    if inside_epochs and not can_resume_inside_epoch(loader):
+        raise ConfigError(f"{owner}'s train_loader ({type(loader).__name__} with its own sampler) cannot restart "
+                          "inside an epoch: set checkpoint_every and checkpoint_every_minutes to null, or build "
+                          "it with shuffle=True/False")

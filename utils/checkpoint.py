@@ -5,16 +5,28 @@ import random
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from types import NoneType
 
 import numpy as np
 import torch
 
+from utils.config import Key
 from utils.errors import CheckpointError
 from utils.files import atomic_write, copy_atomic
 
 FORMAT_VERSION = 1
 LATEST = "checkpoint.pth.tar"
 BEST = "model_best.pth.tar"
+
+# The checkpoint config keys (merged into BaseAgent.DEFAULTS).
+CHECKPOINT_KEYS = {
+    "checkpoint_file": Key(None, types=(str, NoneType)),   # what --resume / mode=test load (default: by mode)
+    "keep_last_checkpoints": Key(0, minimum=0),            # epoch_NNNN copies kept besides the latest
+    # The latest checkpoint also inside epochs, every N optimizer steps and/or M minutes (null:
+    # at epoch ends only); --resume continues with the next batch.
+    "checkpoint_every": Key(None, types=(int, NoneType), minimum=1),
+    "checkpoint_every_minutes": Key(None, types=(float, NoneType), minimum=0.01),
+}
 
 
 def plain(value):
@@ -140,7 +152,25 @@ class TrainingParts:
         self.models: dict[str, torch.nn.Module] = {}      # the plain modules, never DDP/compiled
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, tuple] = {}            # name -> (scheduler, "epoch" | "iteration")
+        self.iteration_schedulers = []                    # stepped after every optimizer step
         self.scaler = None
+
+    def add_scheduler(self, name: str, scheduler, interval: str):
+        if interval not in ("epoch", "iteration"):
+            raise ValueError(f"scheduler interval must be 'epoch' or 'iteration', not {interval!r}")
+        self.schedulers[name] = (scheduler, interval)
+        if interval == "iteration":
+            self.iteration_schedulers.append(scheduler)
+
+    def step_epoch_schedulers(self, monitored: float | None):
+        """After an epoch; a ReduceLROnPlateau steps on the monitored value (not at all without one)."""
+        for scheduler, interval in self.schedulers.values():
+            if interval != "epoch":
+                continue
+            if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step()
+            elif monitored is not None:
+                scheduler.step(monitored)
 
     def state_dict(self) -> dict:
         return {

@@ -4,6 +4,7 @@ import math
 import torch
 
 from utils.distributed import all_reduce_sum
+from utils.errors import ConfigError
 
 
 class AverageMeter:
@@ -144,3 +145,96 @@ class BestValue:
     def load_state_dict(self, state: dict):
         self.value, self.epoch = state["best"]["value"], state["best"]["epoch"]
         self.bad_epochs = state["early_stopping"]["bad_epochs"]
+
+
+class Monitor(BestValue):
+    """The monitored validation metric (`tag`, e.g. "val/loss"; None: nothing is monitored): its
+    best value, early stopping after `patience` validations without a new best, and `stop_at`, a
+    value that ends training once reached. A stop is (status for results.json, line for the log)."""
+
+    def __init__(self, tag: str | None, mode: str = "min", patience: int | None = None, stop_at: float | None = None):
+        super().__init__(mode, patience)
+        self.tag, self.stop_at = tag, stop_at
+
+    def observe(self, metrics: dict, epoch: int) -> bool:
+        """A validation's metrics; True when the monitored one is a new best."""
+        if self.tag is None:
+            return False
+        if self.tag not in metrics:
+            raise ConfigError(f"monitor \"{self.tag}\" is not among the validation metrics "
+                              f"({', '.join(metrics)}); set \"monitor\" to one of them")
+        return self.update(metrics[self.tag], epoch)
+
+    def reached(self, value) -> bool:
+        if self.stop_at is None or value is None or not math.isfinite(value):
+            return False
+        return value >= self.stop_at if self.mode == "max" else value <= self.stop_at
+
+    def stop_after(self, metrics: dict, epoch: int) -> tuple[str, str] | None:
+        """After a validation: why training stops here, or None."""
+        if self.patience_spent:
+            return "early_stopped", (f"early stopping: {self.tag} has not improved for {self.bad_epochs} "
+                                     f"validations (best {self.value} at epoch {self.epoch})")
+        if self.reached(metrics.get(self.tag)):
+            return "reached_target", (f"stop_at: {self.tag} reached {metrics[self.tag]:.4g} (target "
+                                      f"{self.stop_at}) at epoch {epoch}")
+        return None
+
+    def stopped_before(self) -> tuple[str, str] | None:
+        """For a resumed run: whether it had already stopped on its own."""
+        if self.patience_spent:
+            return "early_stopped", "this run already stopped early; raise early_stopping_patience to train on"
+        if self.reached(self.value):
+            return "reached_target", f"this run already reached stop_at ({self.stop_at}); raise it to train on"
+        return None
+
+    def summary(self, metrics: dict) -> dict:
+        """The last metrics and the best value (as "best/<tag>"), for the HParams summary."""
+        return {**metrics, f"best/{self.tag}": self.value} if self.value is not None else dict(metrics)
+
+
+class RunningLoss:
+    """An epoch's training loss: the mean of per-batch mean losses weighted by batch size. The
+    losses wait as tensors and are folded in at each log interval: no device sync per step."""
+
+    def __init__(self):
+        self.load_state_dict(None)
+
+    def add(self, loss: torch.Tensor, batch_size: int):
+        self._pending.append(loss.detach())
+        self._sizes.append(batch_size)
+
+    def fold(self):
+        if self._pending:
+            losses = torch.stack(self._pending).tolist()   # one copy to the host for the interval
+            self.loss_sum += sum(loss * size for loss, size in zip(losses, self._sizes))
+            self.sample_count += sum(self._sizes)
+            self._pending, self._sizes = [], []
+
+    def epoch_mean(self) -> float:
+        """Over every process of a distributed run."""
+        self.fold()
+        loss_sum, count = all_reduce_sum(torch.tensor([self.loss_sum, self.sample_count],
+                                                      dtype=torch.float64)).tolist()
+        return loss_sum / count if count else math.nan
+
+    def state_dict(self) -> dict:
+        self.fold()
+        return {"loss_sum": self.loss_sum, "sample_count": self.sample_count}
+
+    def load_state_dict(self, state: dict | None):
+        state = state or {"loss_sum": 0.0, "sample_count": 0}
+        self.loss_sum, self.sample_count = state["loss_sum"], state["sample_count"]
+        self._pending, self._sizes = [], []
+
+
+def metrics_table(metrics: dict) -> str:
+    """'  tag  value' lines, the tags aligned."""
+    width = max(len(tag) for tag in metrics)
+    return "\n".join(f"  {tag:<{width}}  {value:.4f}" for tag, value in metrics.items())
+
+
+def epoch_line(epoch: int, max_epoch: int, metrics: dict, is_best: bool, seconds: float) -> str:
+    shown = "  ".join(f"{name} {value}" if isinstance(value, int) else f"{name} {value:.4f}"
+                      for name, value in metrics.items())
+    return f"epoch {epoch}/{max_epoch}  {shown}{'  (best)' if is_best else ''}  [{seconds:.1f}s]"

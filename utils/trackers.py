@@ -16,9 +16,11 @@ import re
 import tempfile
 import time
 from pathlib import Path
+from types import NoneType
 
 import torch
 
+from utils.config import Key
 from utils.errors import ConfigError, UserError
 from utils.files import write_json_atomic
 from utils.metrics_csv import MetricsCSV
@@ -26,6 +28,13 @@ from utils.summary import SummaryWriter
 
 logger = logging.getLogger(__name__)
 LOGGERS = ("tensorboard", "csv", "mlflow")
+
+# The trackers' config keys (merged into BaseAgent.DEFAULTS); docs/trackers.md.
+TRACKER_KEYS = {
+    "loggers": Key(["tensorboard", "csv"], types=(list,)),   # any of LOGGERS
+    "mlflow_experiment": Key(None, types=(str, NoneType)),    # null: the agent's class name
+    "mlflow_tracking_uri": Key(None, types=(str, NoneType)),  # null: $MLFLOW_TRACKING_URI, else experiments/mlflow.db
+}
 
 
 class Tracker:

@@ -1,16 +1,50 @@
 """What every trainer has, each a small part that BaseAgent's one optimizer step and epoch loop
-call: an EMA of the weights, learning-rate warmup, a profiler for a few steps, and the batch
-limits of debug runs (fast_dev_run, limit_*_batches, overfit_batches)."""
+call: an EMA of the weights, learning-rate warmup, gradient clipping, a profiler for a few steps,
+and the batch limits of debug runs (fast_dev_run, limit_*_batches, overfit_batches)."""
 import json
 import logging
 import math
 from contextlib import contextmanager
 from pathlib import Path
+from types import NoneType
 
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from utils.config import Key
+
 logger = logging.getLogger(__name__)
+
+# The trainer's config keys (merged into BaseAgent.DEFAULTS); all off by default.
+TRAINER_KEYS = {
+    "grad_accumulation": Key(1, minimum=1),   # an optimizer step every k batches, the loss divided by k
+    "grad_clip": Key(None, types=(float, NoneType), minimum=0),   # max total gradient norm
+    "ema": Key(None, types=(dict, NoneType)),  # {"decay": 0.999, "every": 1}: validate/test the average
+    "warmup_iterations": Key(0, minimum=0),   # linear learning-rate warmup over that many steps
+    "stop_at": Key(None, types=(float, NoneType)),  # stop once the monitored value reaches it
+    # Debug runs: fast_dev_run true (or n) runs 1 (n) training and validation batches, keeps nothing.
+    "fast_dev_run": Key(False, types=(bool, int), minimum=1),
+    "limit_train_batches": Key(None, types=(int, float, NoneType), minimum=0),  # a count, or a fraction
+    "limit_val_batches": Key(None, types=(int, float, NoneType), minimum=0),
+    "overfit_batches": Key(0, minimum=0),     # train and validate on the first n training batches
+    "detect_anomaly": False,                  # torch.autograd anomaly mode: the op that made a NaN
+    "profile": Key(None, types=(int, NoneType), minimum=1),   # torch.profiler over that many steps
+}
+
+
+def per_optimizer(prefix: str, optimizers: dict, value) -> dict:
+    """{tag: value(optimizer)}: the tag is `prefix` with one optimizer, `prefix_<name>` with several."""
+    return {(prefix if len(optimizers) == 1 else f"{prefix}_{name}"): value(optimizer)
+            for name, optimizer in optimizers.items()}
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float, scaler=None) -> torch.Tensor:
+    """The optimizer's gradients scaled to a total norm of at most max_norm (unscaled first under
+    fp16); returns the norm they had."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 class EMA:
@@ -21,6 +55,19 @@ class EMA:
         self.model = model
         self.every = every
         self.averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+    @classmethod
+    def of(cls, models: dict, name: str | None, options: dict | None):
+        """The config's "ema" ({"decay", "every"}, or None: no average) of models[name] (the first
+        model when name is None)."""
+        if options is None:
+            return None
+        return cls(models[name or next(iter(models))], options.get("decay", 0.999), options.get("every", 1))
+
+    @staticmethod
+    def averaged_weights(state: dict) -> dict:
+        """The model's weights inside a saved EMA state (AveragedModel keeps them under "module.")."""
+        return {key[len("module."):]: value for key, value in state.items() if key.startswith("module.")}
 
     def update(self, iteration: int):
         if iteration % self.every == 0:
@@ -53,6 +100,13 @@ class Warmup:
 
     def factor(self, iteration: int) -> float:
         return min(1.0, (iteration + 1) / self.steps)
+
+    def logged_rates(self, optimizers: dict, iterations_done: int) -> dict:
+        """The warmed-up learning rates the last step used ({} once warmup is over)."""
+        if iterations_done > self.steps:
+            return {}
+        factor = self.factor(iterations_done - 1)
+        return per_optimizer("train/warmup_lr", optimizers, lambda opt: opt.param_groups[0]["lr"] * factor)
 
     @contextmanager
     def scaled(self, optimizer: torch.optim.Optimizer, iteration: int):
@@ -112,6 +166,43 @@ class StepProfiler:
             return
         logger.info(f"profile of {self.steps} training steps: Chrome trace {trace} (open it in "
                     f"chrome://tracing or https://ui.perfetto.dev); top operators by self time:\n{table}")
+
+
+class BatchLimits:
+    """How many batches an epoch trains and validates on: all of them, or as fast_dev_run (n
+    batches each, one epoch), limit_train_batches / limit_val_batches (a count or a fraction) or
+    overfit_batches (the first n training batches, cached, for both) say."""
+
+    def __init__(self, fast_dev_run, limit_train, limit_val, overfit_batches: int):
+        self.debug_batches = int(fast_dev_run) if fast_dev_run else None
+        self.train_limit = self.debug_batches or limit_train
+        self.val_limit = self.debug_batches or limit_val
+        self.overfit_batches = overfit_batches
+        self._overfit = None         # the cached first batches
+
+    def epochs(self, max_epoch: int) -> int:
+        return 1 if self.debug_batches else max_epoch
+
+    def train(self, loader) -> tuple:
+        """(source, count) of an epoch's training batches."""
+        if self.overfit_batches:
+            if self._overfit is None:
+                self._overfit = unshuffled_first_batches(loader, self.overfit_batches)
+            return self._overfit, len(self._overfit)
+        return loader, batch_count(self.train_limit, len(loader))
+
+    def val(self, loader) -> tuple:
+        """(source, count) of the validation batches: with overfit_batches, the training ones."""
+        if self.overfit_batches and self._overfit is not None:
+            return self._overfit, len(self._overfit)
+        return loader, batch_count(self.val_limit, len(loader))
+
+    def train_count(self, loader) -> int:
+        return self.overfit_batches or batch_count(self.train_limit, len(loader))
+
+    def debug_run_report(self) -> str:
+        return (f"fast_dev_run: {self.train_limit} training and {self.val_limit} validation batch(es) ran "
+                "without error; no checkpoint, results or summaries were kept")
 
 
 def batch_count(limit, available: int) -> int:
