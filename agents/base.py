@@ -22,7 +22,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from agents.trained import USING_MODES, TrainedModelHooks
+from agents.trained import USING_MODES, TrainedModelHooks, load_evaluation_weights
 from utils import checkpoint as ckpt
 from utils import distributed, interrupts
 from utils.batches import Accumulation, EpochBatches, EpochProgress, make_train_loader_resumable
@@ -31,8 +31,8 @@ from utils.config import Key, create_experiment_dirs, experiment_paths, inherit
 from utils.data import move_to, needs_moving
 from utils.errors import CheckpointError, ConfigError, UserError
 from utils.files import remove_unfinished
-from utils.metrics import MeterGroup, Monitor, RunningLoss, epoch_line, metrics_table
-from utils.runtime import seed_everything, select_device, set_determinism
+from utils.metrics import MONITOR_KEYS, MeterGroup, Monitor, RunningLoss, epoch_line, metrics_table
+from utils.runtime import RUNTIME_KEYS, prepare_device, seed_everything
 from utils.trackers import TRACKER_KEYS, Trackers, check_loggers, hparams_of, make_trackers, write_results
 from utils.training import (EMA, TRAINER_KEYS, BatchLimits, StepProfiler, Warmup, check_trainer_keys, clip_gradients,
                             per_optimizer)
@@ -49,26 +49,16 @@ class BaseAgent(TrainedModelHooks, abc.ABC):
         "agent": Key(None, types=(str,)),
         "description": "",
         "mode": "train",
-        "seed": Key(1, minimum=0, maximum=2**32 - 1),   # np.random.seed's range; gymnasium refuses negatives
-        "device": Key("auto", pattern=r"auto|cpu|mps|cuda(:\d+)?",
-                      pattern_hint='use "auto", "cpu", "cuda", "cuda:N" or "mps"'),
-        "cuda": True,
-        "gpu_device": Key(0, minimum=0),
         "max_epoch": Key(10, minimum=1),
         "log_interval": Key(10, minimum=1),
         "validate_every": Key(1, minimum=1),
-        "monitor": Key("val/loss", types=(str, NoneType)),   # null: no best model, no early stopping
-        "monitor_mode": Key("min", choices=("min", "max")),
-        "early_stopping_patience": Key(None, types=(int, NoneType), minimum=1),
-        "amp": Key("off", choices=("off", "bf16", "fp16")),
-        "compile": False,             # torch.compile the declared models
-        "channels_last": False,       # NHWC memory format for models and 4-D input batches
-        "deterministic": False,       # deterministic algorithms; otherwise cudnn.benchmark on GPU
-        "distributed_timeout_s": Key(600, minimum=1),  # under torchrun: a collective waiting longer fails
         # tqdm bars: "auto" shows them on a terminal and leaves them out of redirected output.
         "progress_bar": Key("auto", types=(bool, str), choices=("auto", True, False)),
         "predict_input": Key(None, types=(str, NoneType)),   # mode=predict: a file, a folder or a glob
-        **CHECKPOINT_KEYS, **TRACKER_KEYS, **TRAINER_KEYS,
+        # The keys of the parts, declared with them: seed, device, amp, compile, ...; monitor, its
+        # mode, early_stopping_patience; checkpoint_file, keep_last_checkpoints, checkpoint_every;
+        # loggers, mlflow_*; grad_accumulation, grad_clip, ema, warmup, stop_at, debug runs, profile.
+        **RUNTIME_KEYS, **MONITOR_KEYS, **CHECKPOINT_KEYS, **TRACKER_KEYS, **TRAINER_KEYS,
     }
     # Values `mode` may take: each names a method of the agent.
     modes = ("train", "test")
@@ -133,21 +123,28 @@ class BaseAgent(TrainedModelHooks, abc.ABC):
         # of a distributed run gets the same seed: same initial weights, same data permutation.
         seed_everything(config.seed)
         gpu = distributed.local_rank() if self.world_size > 1 else config.gpu_device
-        self.device = select_device(config.device, config.cuda, gpu)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
+        self.device = prepare_device(config.device, config.cuda, gpu, config.deterministic)
         distributed.init(self.device, config.distributed_timeout_s)
-        set_determinism(config.deterministic, self.device)
         # Only rank 0 writes (the other processes have no tracker); a fast_dev_run keeps nothing.
         self.keeps_files = self.is_main and not config.fast_dev_run
         logs = self.keeps_files and config.mode not in USING_MODES
         self.trackers = make_trackers(config, self.paths, type(self).__name__) if logs else Trackers([])
+        self._create_parts(config)
+        if config.mode in USING_MODES:
+            self.build_networks(checkpoint)
+        else:
+            self.build()
+        self._check_built()
+        if checkpoint is not None:
+            self.load_checkpoint(checkpoint, training=config.mode == "train")
+
+    def _create_parts(self, config):
+        self.parts = TrainingParts()       # models, optimizers, schedulers, scaler: what checkpoints hold
+        self.scaler = self.parts.scaler = torch.amp.GradScaler(self.device.type) if config.amp == "fp16" else None
+        self.ddp_models = []               # the DistributedDataParallel wrappers, for no_sync while accumulating
         self.checkpoints = CheckpointSaver(self.paths.checkpoints, config.keep_last_checkpoints)
         self.checkpoint_clock = CheckpointClock(config.checkpoint_every, config.checkpoint_every_minutes)
-
-        self.parts = TrainingParts()  # models, optimizers, schedulers, scaler: what checkpoints hold
-        self.scaler = self.parts.scaler = torch.amp.GradScaler(self.device.type) if config.amp == "fp16" else None
-        self.ddp_models = []          # the DistributedDataParallel wrappers, for no_sync while accumulating
+        self.monitor = Monitor(config.monitor, config.monitor_mode, config.early_stopping_patience, config.stop_at)
         self.accumulation = Accumulation(config.grad_accumulation)
         self.limits = BatchLimits(config.fast_dev_run, config.limit_train_batches, config.limit_val_batches,
                                   config.overfit_batches)
@@ -159,22 +156,13 @@ class BaseAgent(TrainedModelHooks, abc.ABC):
         self.in_epoch = EpochProgress()    # where the run is inside the current epoch
         self.current_epoch = 0             # epochs completed
         self.current_iteration = 0         # optimizer steps taken
-        self.monitor = Monitor(config.monitor, config.monitor_mode, config.early_stopping_patience, config.stop_at)
         self.last_metrics, self.learning_rates = {}, {}   # the last validation's; the epoch's, for metrics.csv
         self.mode_results = None           # what a mode other than train reports, for results.json
         self.status, self._finalized = "built", False
-        self._wall_time_before, self._started = 0.0, time.perf_counter()   # seconds in earlier sessions; this one's start
+        self._wall_time_before, self._started = 0.0, time.perf_counter()   # earlier sessions' seconds; this one's start
         # Called after every validation as callback(agent, metrics); one that returns a status
         # (a sweep's pruner: "pruned") ends training cleanly after the epoch with that status.
         self.validation_callbacks = []
-
-        if config.mode in USING_MODES:
-            self.build_networks(checkpoint)
-        else:
-            self.build()
-        self._check_built()
-        if checkpoint is not None:
-            self.load_checkpoint(checkpoint, training=config.mode == "train")
 
     def _check_built(self):
         if not self.parts.models:
@@ -245,11 +233,14 @@ class BaseAgent(TrainedModelHooks, abc.ABC):
         if self.config.grad_clip is not None:
             norm = clip_gradients(optimizer, self.config.grad_clip, self.scaler)
             if (self.current_iteration + 1) % self.config.log_interval == 0:   # the step this one ends
-                tags = per_optimizer("train/grad_norm", self.parts.optimizers, lambda opt: opt)
-                self.log_scalars({next(tag for tag, opt in tags.items() if opt is optimizer): norm},
-                                 self.current_iteration + 1)
+                name = next(name for name, opt in self.parts.optimizers.items() if opt is optimizer)
+                tag = "train/grad_norm" if len(self.parts.optimizers) == 1 else f"train/grad_norm_{name}"
+                self.log_scalars({tag: norm}, self.current_iteration + 1)
         with self._warmup.scaled(optimizer, self.current_iteration) if self._warmup else _NOTHING:
-            optimizer.step() if self.scaler is None else self.scaler.step(optimizer)
+            if self.scaler is None:
+                optimizer.step()
+            else:
+                self.scaler.step(optimizer)
         if last:
             self._end_iteration()
         return True
@@ -563,14 +554,12 @@ class BaseAgent(TrainedModelHooks, abc.ABC):
         """Restore models (for evaluation the EMA's weights, if the run kept one); when training
         also optimizers, schedulers, counters, the position inside the epoch and RNG states, so the
         resumed run continues exactly as the uninterrupted one would have."""
-        self.parts.load_models(state)
         self.current_epoch = state["epoch"]
         self.trackers.load_state_dict(state.get("trackers", {}))   # a test logs into the training's MLflow run
         if not training:
-            if state.get("ema") is not None:
-                self.parts.models[self.ema_model or next(iter(self.parts.models))].load_state_dict(
-                    EMA.averaged_weights(state["ema"]))
+            load_evaluation_weights(self.parts.models, state, self.ema_model)
             return
+        self.parts.load_models(state)
         self.parts.load_training(state)
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])

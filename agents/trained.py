@@ -155,7 +155,7 @@ def rebuild_networks(agent_class, config, inference: dict) -> dict:
 
 def load_evaluation_weights(networks: dict, state: dict, ema_model: str | None):
     """The checkpoint's weights into `networks`; those of the averaged model when the run kept an EMA
-    (of ema_model, or of the run's first model), as BaseAgent.load_checkpoint does for evaluation."""
+    (of ema_model, or of the run's first model): what evaluating, predicting and exporting use."""
     parts = TrainingParts()
     parts.models = networks
     parts.load_models(state)

@@ -132,3 +132,21 @@ def test_an_order_that_cannot_be_saved_is_no_position():
     progress = EpochProgress()
     progress.batches, progress.position = EpochBatches(weighted, 8), 2
     assert progress.state(dict) is None                    # the resumed run starts the epoch again
+
+
+def test_an_agents_train_loader_is_made_resumable_or_refused_in_one_line():
+    from types import SimpleNamespace
+
+    from utils.batches import make_train_loader_resumable
+    from utils.errors import ConfigError
+
+    data = TensorDataset(torch.arange(8.0))
+    shuffled = SimpleNamespace(train_loader=DataLoader(data, batch_size=2, shuffle=True))
+    make_train_loader_resumable(shuffled, seed=1, inside_epochs=True, owner="Agent")
+    assert isinstance(shuffled.train_loader.sampler, EpochSampler)
+    weighted = SimpleNamespace(train_loader=DataLoader(data, batch_size=2, sampler=WeightedRandomSampler([1.0] * 8, 8)))
+    make_train_loader_resumable(weighted, seed=1, inside_epochs=False, owner="Agent")    # resumes at epoch starts
+    assert isinstance(weighted.train_loader.sampler, WeightedRandomSampler)
+    with pytest.raises(ConfigError, match="Agent's train_loader \\(DataLoader with its own sampler\\) cannot restart"):
+        make_train_loader_resumable(weighted, seed=1, inside_epochs=True, owner="Agent")
+    make_train_loader_resumable(SimpleNamespace(), seed=1, inside_epochs=True, owner="Agent")   # no train_loader

@@ -218,3 +218,23 @@ def test_the_checkpoint_clock_counts_steps_and_minutes_from_the_last_save(monkey
     assert minutes.inside_epochs and not minutes.due(10)
     now[0] += 30
     assert minutes.due(10) and not minutes.due(0)          # no step since the last save: nothing new
+
+
+def test_training_parts_step_epoch_schedulers_and_plateau_on_the_monitored_value():
+    parts = ckpt.TrainingParts()
+    optimizer = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=1.0)
+    step = torch.optim.lr_scheduler.StepLR(optimizer, 1, 0.5)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0, factor=0.1)
+    per_step = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+    parts.add_scheduler("step", step, "epoch")
+    parts.add_scheduler("plateau", plateau, "epoch")
+    parts.add_scheduler("per_step", per_step, "iteration")
+    assert parts.iteration_schedulers == [per_step]
+    optimizer.step()                                  # schedulers step after the optimizer
+    parts.step_epoch_schedulers(None)                 # nothing monitored: the plateau does not step
+    assert step.last_epoch == 1 and plateau.last_epoch == 0 and per_step.last_epoch == 0
+    parts.step_epoch_schedulers(1.0)
+    parts.step_epoch_schedulers(2.0)                  # worse: the plateau cuts the rate
+    assert plateau.last_epoch == 2 and optimizer.param_groups[0]["lr"] == pytest.approx(0.5 ** 3 * 0.1)
+    with pytest.raises(ValueError, match="'epoch' or 'iteration', not 'batch'"):
+        parts.add_scheduler("bad", step, "batch")

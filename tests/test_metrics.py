@@ -81,3 +81,56 @@ def test_confusion_matrix_counts_and_ignores_255():
     matrix.update(predictions[:1], labels[:1])
     assert matrix.counts.tolist() == [[2, 2, 0], [0, 3, 0], [1, 0, 1]]
     assert matrix.all_reduce().counts.sum() == 9            # one process: unchanged
+
+
+# ----------------------------------------------------------------------------- the monitored metric, the running loss
+
+
+def test_monitor_keeps_the_best_and_says_why_training_stops():
+    from utils.errors import ConfigError
+    from utils.metrics import Monitor
+
+    monitor = Monitor("val/accuracy", "max", patience=2, stop_at=0.9)
+    assert monitor.observe({"val/accuracy": 0.5}, 1) and monitor.stop_after({"val/accuracy": 0.5}, 1) is None
+    assert not monitor.observe({"val/accuracy": 0.4}, 2) and not monitor.observe({"val/accuracy": 0.45}, 3)
+    status, line = monitor.stop_after({"val/accuracy": 0.45}, 3)
+    assert status == "early_stopped" and "not improved for 2 validations (best 0.5 at epoch 1)" in line
+    assert monitor.stopped_before()[0] == "early_stopped"
+    assert monitor.summary({"val/accuracy": 0.45}) == {"val/accuracy": 0.45, "best/val/accuracy": 0.5}
+
+    target = Monitor("val/loss", "min", stop_at=0.1)
+    target.observe({"val/loss": 0.05}, 4)
+    assert target.stop_after({"val/loss": 0.05}, 4) == ("reached_target",
+                                                         "stop_at: val/loss reached 0.05 (target 0.1) at epoch 4")
+    assert target.stopped_before()[0] == "reached_target" and not target.reached(math.nan)
+    with pytest.raises(ConfigError, match='monitor "val/loss" is not among the validation metrics \\(val/acc\\)'):
+        target.observe({"val/acc": 1.0}, 5)
+    nothing = Monitor(None)
+    assert not nothing.observe({"val/loss": 1.0}, 1) and nothing.stop_after({}, 1) is None
+    assert nothing.summary({"val/loss": 1.0}) == {"val/loss": 1.0}
+
+
+def test_running_loss_is_the_sample_weighted_mean_and_resumes_from_its_state():
+    from utils.metrics import RunningLoss
+
+    losses, sizes = [1.0, 2.0, 4.0], [10, 10, 5]
+    running = RunningLoss()
+    running.add(torch.tensor(losses[0]), sizes[0])
+    running.fold()
+    running.add(torch.tensor(losses[1], requires_grad=True) * 1, sizes[1])   # detached when added
+    state = running.state_dict()                      # folds what is pending
+    assert state == {"loss_sum": 30.0, "sample_count": 20}
+    resumed = RunningLoss()
+    resumed.load_state_dict(state)
+    resumed.add(torch.tensor(losses[2]), sizes[2])
+    assert resumed.epoch_mean() == pytest.approx(50 / 25)
+    assert math.isnan(RunningLoss().epoch_mean())
+
+
+def test_epoch_line_and_metrics_table():
+    from utils.metrics import epoch_line, metrics_table
+
+    assert epoch_line(2, 5, {"train/epoch_loss": 0.123456, "val/epochs": 3}, True, 1.26) == \
+        "epoch 2/5  train/epoch_loss 0.1235  val/epochs 3  (best)  [1.3s]"
+    assert metrics_table({"test/loss": 0.5, "test/accuracy": 0.25}) == \
+        "  test/loss      0.5000\n  test/accuracy  0.2500"

@@ -45,3 +45,12 @@ def test_device_selection():
         assert select_device("auto") in (torch.device("cpu"), torch.device("mps"))
         with pytest.raises(ConfigError, match="sees no CUDA GPU"):
             select_device("cuda:1")
+
+
+def test_prepare_device_selects_and_sets_determinism(monkeypatch):
+    from utils.runtime import prepare_device
+
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda on: calls.append(on))
+    calls = []
+    assert prepare_device("cpu", True, 0, deterministic=True) == torch.device("cpu") and calls == [True]
+    assert prepare_device("auto", False, 0, deterministic=False) == torch.device("cpu") and calls == [True]

@@ -1,10 +1,19 @@
 """Meters that average correctly over batches of unequal size, without a device sync per batch."""
 import math
+from types import NoneType
 
 import torch
 
+from utils.config import Key
 from utils.distributed import all_reduce_sum
 from utils.errors import ConfigError
+
+# The keys of the monitored metric (merged into BaseAgent.DEFAULTS; stop_at is a trainer key).
+MONITOR_KEYS = {
+    "monitor": Key("val/loss", types=(str, NoneType)),   # null: no best model, no early stopping
+    "monitor_mode": Key("min", choices=("min", "max")),
+    "early_stopping_patience": Key(None, types=(int, NoneType), minimum=1),
+}
 
 
 class AverageMeter:

@@ -5,7 +5,21 @@ import random
 import numpy as np
 import torch
 
+from utils.config import Key
 from utils.errors import ConfigError
+
+# The config keys of where and how the run computes (merged into BaseAgent.DEFAULTS).
+RUNTIME_KEYS = {
+    "seed": Key(1, minimum=0, maximum=2**32 - 1),   # np.random.seed's range; gymnasium refuses negatives
+    "device": Key("auto", pattern=r"auto|cpu|mps|cuda(:\d+)?", pattern_hint='use "auto", "cpu", "cuda", "cuda:N" or "mps"'),
+    "cuda": True,
+    "gpu_device": Key(0, minimum=0),
+    "amp": Key("off", choices=("off", "bf16", "fp16")),
+    "compile": False,             # torch.compile the declared models
+    "channels_last": False,       # NHWC memory format for models and 4-D input batches
+    "deterministic": False,       # deterministic algorithms; otherwise cudnn.benchmark on GPU
+    "distributed_timeout_s": Key(600, minimum=1),  # under torchrun: a collective waiting longer fails
+}
 
 
 def seed_everything(seed: int):
@@ -42,6 +56,15 @@ def select_device(device: str, cuda: bool = True, gpu_device: int = 0) -> torch.
         return torch.device("cuda", index)
     if chosen.type == "mps" and not _mps_available():
         raise ConfigError("device \"mps\" asked for, but MPS is not available on this machine")
+    return chosen
+
+
+def prepare_device(device: str, cuda: bool, gpu_device: int, deterministic: bool) -> torch.device:
+    """The run's device (select_device), made the current CUDA device, with set_determinism."""
+    chosen = select_device(device, cuda, gpu_device)
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)
+    set_determinism(deterministic, chosen)
     return chosen
 
 
