@@ -38,7 +38,8 @@ class ERFNetAgent(SupervisedAgent):
         "data_folder": "data/voc",
         "data_mode": Key("download", choices=DATA_MODES),
         "sbd": False,                 # train on VOC 2012 train + SBD ("train_aug", 10,582 images)
-        # training crops are img_size^2; validation images get this shorter side; a multiple of 8
+        # training crops are img_size^2; validation images get this shorter side; a multiple of 8.
+        # The key keeps the original template's ERFNet name (its DCGAN config says image_size).
         "img_size": Key(256, minimum=8),
         "scale_range": [0.5, 2.0],    # random scale of the training images, relative to img_size
         "batch_size": 16,
