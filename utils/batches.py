@@ -96,7 +96,10 @@ def _generators_seeded(seed: int):
     with torch.random.fork_rng(devices=[]):
         random.seed(seed)
         np.random.seed(seed)
-        torch.manual_seed(seed)
+        # The CPU generator alone, which transforms draw from and fork_rng restores: torch.manual_seed
+        # would also reseed every CUDA generator (the training's, when the main process loads the
+        # batches), and costs 0.2 ms a sample where this costs 2 us.
+        torch.default_generator.manual_seed(seed)
         try:
             yield
         finally:
