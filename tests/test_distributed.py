@@ -49,7 +49,7 @@ def two_processes_match_one(loader: dict, cwd):
     for name in one:
         assert torch.allclose(one[name], two[name], atol=1e-6), name
     first, second = results(cwd, "one"), results(cwd, "two")
-    assert first["iterations"] == second["iterations"] == 9         # 96 samples / 32 per step
+    assert first["iterations"] == second["iterations"] == 3 * loader.get("n_samples", 96) // 32   # 32 per step
     # Validation is reduced over both processes: the same numbers as one process over all of it.
     for tag in ("val/loss", "val/accuracy"):
         assert first["last"][tag] == pytest.approx(second["last"][tag], abs=1e-6)
@@ -60,29 +60,12 @@ def two_processes_match_one(loader: dict, cwd):
 # With torch DataLoaders the order is the data set's (shuffle off): a DistributedSampler's shuffle
 # draws from its own generator, so its order cannot equal one process's RandomSampler order.
 # Accumulated: 2 processes x 2 accumulated batches of 8 (DDP's all-reduce skipped on the first).
-# The tensor loader's case is the straight run of the resume test below.
+# The tensor loader's case is the straight run of the SIGTERM test below.
 @pytest.mark.parametrize("loader", [{"loader": "torch", "shuffle": False, "data_loader_workers": 1},
                                     {"loader": "tensor", "grad_accumulation": 2}],
                          ids=["torch", "tensor-accumulated"])
 def test_two_processes_match_one_process_with_twice_the_batch(loader, tmp_path):
     two_processes_match_one(loader, tmp_path)
-
-
-def test_a_two_process_run_matches_one_process_and_resumes_under_torchrun_and_in_one_process(tmp_path):
-    two_processes_match_one({"loader": "tensor"}, tmp_path)           # experiments/two: the straight run
-    first = torchrun([config(exp_name="split", batch_size=16, max_epoch=1)], tmp_path)
-    assert first.returncode == 0, first.stderr
-    second = torchrun([config(exp_name="split", batch_size=16), "--resume", *set_args(max_epoch=3)], tmp_path)
-    assert second.returncode == 0, second.stderr
-    for name, value in weights(tmp_path, "two").items():
-        assert torch.allclose(value, weights(tmp_path, "split")[name], atol=1e-6), name
-    assert results(tmp_path, "split")["epochs_done"] == 3
-
-    # One process: the same global batch of 32 (a batch_size that keeps it may change on resume).
-    alone = run_main_in_process([config(exp_name="split"), "--resume", *set_args(batch_size=32, max_epoch=4)],
-                                tmp_path)
-    assert alone.returncode == 0, alone.stderr
-    assert results(tmp_path, "split")["epochs_done"] == 4
 
 
 def test_a_crashing_rank_stops_the_run_with_its_error(tmp_path):
@@ -139,12 +122,13 @@ def test_shard_loaders_gives_each_rank_its_share_of_every_loader():
 def test_sigterm_stops_every_process_inside_the_epoch_and_the_run_resumes_exactly(tmp_path):
     """A preempted torchrun job: SIGTERM reaches torchrun, which passes it to both processes; they
     agree on the step to stop after, rank 0 saves where the epoch is, and a torchrun --resume
-    with as many processes ends where the run never stopped ends. One process cannot take over
-    inside an epoch (its share of the order differs): refused in one line, nothing changed."""
-    tiny = {"batch_size": 16, "n_samples": 320, "max_epoch": 2}      # 10 steps an epoch
-    straight = torchrun([config(exp_name="straight", **tiny)], tmp_path)
-    assert straight.returncode == 0, straight.stderr
-    stopped = torchrun([config(exp_name="split", sigterm_at_iteration=14, **tiny)], tmp_path)
+    with as many processes ends where the run that never stopped (itself equal to one process with
+    twice the batch) ends. One process cannot take over inside an epoch (its share of the order
+    differs): refused in one line, nothing changed; at an epoch's end it can, with the same global
+    batch (a batch_size that keeps it may change on resume)."""
+    tiny = {"loader": "tensor", "n_samples": 320}                   # 10 steps an epoch of 2 x 16, 3 epochs
+    two_processes_match_one(tiny, tmp_path)                         # experiments/two: the straight run
+    stopped = torchrun([config(exp_name="split", batch_size=16, sigterm_at_iteration=14, **tiny)], tmp_path)
     assert stopped.returncode != 0
     exp = tmp_path / "experiments" / "split"
     state = torch.load(exp / "checkpoints" / "checkpoint.pth.tar", weights_only=True)
@@ -159,5 +143,11 @@ def test_sigterm_stops_every_process_inside_the_epoch_and_the_run_resumes_exactl
 
     resumed = torchrun([config(exp_name="split"), "--resume"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    for name, value in weights(tmp_path, "straight").items():
+    for name, value in weights(tmp_path, "two").items():
         assert torch.equal(value, weights(tmp_path, "split")[name]), name
+    assert results(tmp_path, "split")["epochs_done"] == 3
+
+    alone = run_main_in_process([config(exp_name="split"), "--resume", *set_args(batch_size=32, max_epoch=4)],
+                                tmp_path)
+    assert alone.returncode == 0, alone.stderr
+    assert results(tmp_path, "split")["epochs_done"] == 4

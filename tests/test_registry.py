@@ -46,6 +46,14 @@ def test_resolving_one_agent_imports_no_other_agent():
     assert out.stdout.strip() == "['agents.base', 'agents.mnist', 'agents.trained']"
 
 
+def test_an_agent_of_rows_starts_without_torchvision():
+    """Iris reads CSV rows: torchvision (1.6 s to import) is for agents of images."""
+    code = ("import sys; from agents import get_agent_class; get_agent_class('IrisAgent'); "
+            "print('torchvision' in sys.modules, 'gymnasium' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
 @pytest.mark.parametrize("config_file", sorted((ROOT / "configs").glob("*.json")), ids=lambda path: path.name)
 def test_every_shipped_config_resolves_against_its_agent(config_file):
     """Every key of every shipped config is one its agent declares, with a valid value (the

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.transforms.v2 import functional as TF
 
 from utils.data import open_image
 from utils.errors import DataError
@@ -24,6 +23,14 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".
 MODES = {1: "L", 3: "RGB"}     # channels -> the PIL mode an image is converted to
 PREDICT_BATCH = 256            # inputs per forward pass
 TABLE_ROWS = 10                # rows of the table printed after predicting; predictions.csv has all
+
+
+def _image_functions():
+    """torchvision.transforms.v2.functional, imported where images are converted: importing
+    torchvision costs 1.6 s, which an agent of rows (Iris) does not pay."""
+    from torchvision.transforms.v2 import functional
+
+    return functional
 
 
 def input_files(pattern: str, extensions: tuple, what: str) -> list[Path]:
@@ -100,13 +107,14 @@ class ImageTransform:
             image = read_image(Path(image), self.mode)
         elif image.mode != self.mode:
             image = image.convert(self.mode)
+        TF = _image_functions()
         pixels = TF.pil_to_tensor(image)                                  # (C, h, w) uint8
         if list(pixels.shape[-2:]) != self.size:
             pixels = TF.resize(pixels, self.size, antialias=True)
         return self.normalize(pixels.float().div_(255.0))
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        return images if self.mean is None else TF.normalize(images, self.mean, self.std)
+        return images if self.mean is None else _image_functions().normalize(images, self.mean, self.std)
 
     def random_batch(self, count: int) -> torch.Tensor:
         """(count, C, H, W) of uniform random pixels through the normalisation: an input of the
@@ -138,12 +146,13 @@ class SegmentationTransform:
 
     def resized(self, image) -> torch.Tensor:
         """(3, h, w) normalised, the shorter side img_size."""
+        TF = _image_functions()
         pixels = TF.resize(TF.pil_to_tensor(image), self.img_size, antialias=True)
         return self.normalize(pixels.float().div_(255.0))
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """Pixels in [0, 1] -> standardised per channel."""
-        return TF.normalize(images, self.mean, self.std)
+        return _image_functions().normalize(images, self.mean, self.std)
 
     def to_image_size(self, logits: torch.Tensor, image) -> torch.Tensor:
         """(1, C, h', w') logits of __call__(image) -> (1, C, H, W) at the image's own size."""
