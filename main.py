@@ -184,7 +184,7 @@ def run(args, validation_callbacks=()) -> int:
     # What is logged before the experiment may be written goes into its log files afterwards.
     earlier = logging.handlers.BufferingHandler(capacity=1_000_000)
     logging.getLogger().addHandler(earlier)
-    lock = None
+    lock = agent = None
     try:
         try:
             agent_class, config, paths, checkpoint = prepare(args)
@@ -206,7 +206,9 @@ def run(args, validation_callbacks=()) -> int:
     finally:
         if lock is not None:
             lock.release()
-        distributed.shutdown()
+        # Every process ran to the same end (completed, stopped early): they leave together.
+        finished = agent is not None and agent.status not in ("built", "running", "failed", "interrupted")
+        distributed.shutdown(all_finished=finished)
         setup_logging(None)      # the log files are closed with the run
     return 130 if agent.status == "interrupted" else 0
 

@@ -41,9 +41,16 @@ def init(device: torch.device, timeout_s: float):
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
 
 
-def shutdown():
+def shutdown(all_finished: bool = False):
+    """Leave the process group. all_finished: every process ended the run the same way (completed,
+    stopped early) and has no collective left, so they meet at a barrier first: one that tears its
+    connections down while another is still in destroy_process_group can abort that one at exit
+    ("terminate called without an active exception", seen once in 40 torchrun resumes here).
+    After a failure or an interrupt the others may never come: no barrier then."""
     global _cpu_group
     if dist.is_initialized():
+        if all_finished:
+            dist.barrier()
         dist.destroy_process_group()
     _cpu_group = None
 
