@@ -82,6 +82,7 @@ def prepare(args):
     """Everything that can fail on the user's input, before any file of theirs is touched."""
     from agents.base import LATEST  # torch: imported to run an experiment, not for `new` or `list`
     from utils import checkpoint as ckpt
+    from utils import distributed
     from utils.lock import refuse_if_held
     from utils.trackers import recorded_results
 
@@ -90,7 +91,8 @@ def prepare(args):
     agent_class, config = make_config(args.config, args.set)
     paths = experiment_paths(config.exp_name)
     check_experiment_folder(paths)
-    refuse_if_held(paths.root)
+    if distributed.is_main():   # the writer; under torchrun the others would find rank 0's own lock
+        refuse_if_held(paths.root)
     if not (config.mode == "train" and args.force):   # --force deletes it
         recorded_results(paths.root / "results.json")  # one that is not a JSON object is refused, never overwritten
     checkpoint = None

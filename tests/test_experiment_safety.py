@@ -142,3 +142,18 @@ def test_one_writer_per_experiment_and_a_killed_run_is_shown_killed(tmp_path):
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(results.read_text())["status"] == "completed"
+
+
+def test_under_torchrun_only_rank_0_asks_whether_the_experiment_is_in_use(in_tmp, monkeypatch):
+    """Rank 0 takes the experiment's lock once its agent is built; a slower rank that checked the
+    lock after that found rank 0's own lock and failed the run ("in use by another process")."""
+    from utils.lock import ExperimentLock
+
+    assert run() == 0
+    args = main.parse_args(["tiny.json", "--resume", "--set", "max_epoch=3"])
+    with ExperimentLock(in_tmp / "experiments" / "tiny"):      # as rank 0 holds it while it runs
+        monkeypatch.setenv("RANK", "1")
+        assert main.prepare(args)[0].__name__ == "TinyAgent"
+        monkeypatch.setenv("RANK", "0")
+        with pytest.raises(main.UserError, match="is in use by process"):
+            main.prepare(args)
