@@ -176,7 +176,7 @@ SLOWEST = ["test_tutorials.py::test_getting_started", "test_tutorials.py::test_m
            "test_shipped_configs.py", "test_export.py::test_export_writes_files_that_agree_with_eager[erfnet",
            "test_interrupts.py::test_sigkill", "test_docs.py::test_page_runs_as_written[docs/predict-export",
            "test_docs.py::test_page_runs_as_written[README", "test_erfnet.py::test_train_validate",
-           "test_mnist_e2e.py::test_ctrl_c"]
+           "test_mnist_e2e.py::test_ctrl_c", "test_mlflow.py::test_runs_started_together"]
 
 
 def pytest_configure(config):

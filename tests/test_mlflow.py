@@ -168,3 +168,28 @@ def test_a_tracking_server_that_is_down_is_one_warning_and_training_goes_on(in_t
     results = json.loads((in_tmp / "experiments/tiny/results.json").read_text())
     assert results["status"] == "completed" and results["epochs_done"] == 3
     assert (in_tmp / "experiments/tiny/metrics.csv").read_text().count("\n") == 4     # the header, 3 epochs
+
+
+def test_runs_started_together_share_a_new_sqlite_store(tmp_path):
+    """Runs started at once (a sweep's workers, a shell loop with &) on the default store: the first
+    use creates its tables, which each would do at the same time (alembic migrations racing: every
+    tracker failed); one at a time, every run is in the store with its whole history."""
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import MAIN, ROOT
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    runs = [subprocess.Popen([sys.executable, str(MAIN), json.dumps({**TINY, "exp_name": f"run{i}", "max_epoch": 1})],
+                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for i in range(2)]
+    for run in runs:
+        assert run.wait(timeout=240) == 0
+        assert "tracker" not in run.stderr.read()          # no "the mlflow tracker ... failed" warning
+    client = MlflowClient(f"sqlite:///{tmp_path / 'experiments' / 'mlflow.db'}")
+    found = client.search_runs([client.get_experiment_by_name("TinyAgent").experiment_id])
+    assert sorted(run.info.run_name for run in found) == ["run0", "run1"]
+    assert all(len(client.get_metric_history(run.info.run_id, "train/loss")) == STEPS_PER_EPOCH for run in found)

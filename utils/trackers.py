@@ -5,7 +5,9 @@ Agents never hold a tracker: they call BaseAgent.log_scalars / log_images, which
 tracker of the run. A new tracker is one subclass of Tracker, named in LOGGERS and make_trackers.
 The config's "loggers" list picks a run's trackers: tensorboard and csv by default, mlflow when asked.
 """
+import contextlib
 import difflib
+import fcntl
 import functools
 import importlib.util
 import json
@@ -182,10 +184,17 @@ class MLflowTracker(Tracker):
     def client(self):
         """The MlflowClient, with the run started (or continued) at the first use."""
         if self._client is None:
-            self._client = self._connect()
-            if self.run_id is None or not self._continue_run():
-                self._start_run()
+            # The first use of a SQLite store creates (migrates) it; runs starting together (a
+            # sweep's workers) would each migrate it at once and all fail: one process at a time.
+            with _file_lock(self._sqlite_file()):
+                self._client = self._connect()
+                if self.run_id is None or not self._continue_run():
+                    self._start_run()
         return self._client
+
+    def _sqlite_file(self) -> Path | None:
+        uri = self.tracking_uri or f"sqlite:///{self.experiments_root / 'mlflow.db'}"
+        return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
     def _connect(self):
         # MLflow's defaults retry a tracking server that is down for minutes before the tracker can fail.
@@ -306,6 +315,21 @@ class MLflowTracker(Tracker):
                 self.client.set_tag(self.run_id, "status", status)
             self.client.set_terminated(self.run_id, _MLFLOW_STATUS.get(status, "FINISHED"))
         self._client = None
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path | None):
+    """An exclusive flock on `path`.lock for the block (nothing when path is None)."""
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 class Trackers:
