@@ -193,8 +193,7 @@ class MLflowTracker(Tracker):
         return self._client
 
     def _sqlite_file(self) -> Path | None:
-        uri = self.tracking_uri or f"sqlite:///{self.experiments_root / 'mlflow.db'}"
-        return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+        return Path(self.target[len("sqlite:///"):]) if self.target.startswith("sqlite:///") else None
 
     def _connect(self):
         # MLflow's defaults retry a tracking server that is down for minutes before the tracker can fail.
