@@ -35,7 +35,7 @@ from utils.metrics import MONITOR_KEYS, MeterGroup, Monitor, RunningLoss, epoch_
 from utils.runtime import RUNTIME_KEYS, prepare_device, seed_everything
 from utils.trackers import TRACKER_KEYS, Trackers, check_loggers, hparams_of, make_trackers, write_results
 from utils.training import (EMA, TRAINER_KEYS, BatchLimits, StepProfiler, Warmup, check_trainer_keys, clip_gradients,
-                            per_optimizer)
+                            optimizer_tag, per_optimizer)
 
 __all__ = ["BEST", "LATEST", "USING_MODES", "BaseAgent", "SupervisedAgent"]
 _NOTHING = contextlib.nullcontext()  # reusable: entering it does nothing
@@ -234,8 +234,8 @@ class BaseAgent(TrainedModelHooks, abc.ABC):
             norm = clip_gradients(optimizer, self.config.grad_clip, self.scaler)
             if (self.current_iteration + 1) % self.config.log_interval == 0:   # the step this one ends
                 name = next(name for name, opt in self.parts.optimizers.items() if opt is optimizer)
-                tag = "train/grad_norm" if len(self.parts.optimizers) == 1 else f"train/grad_norm_{name}"
-                self.log_scalars({tag: norm}, self.current_iteration + 1)
+                self.log_scalars({optimizer_tag("train/grad_norm", self.parts.optimizers, name): norm},
+                                 self.current_iteration + 1)
         with self._warmup.scaled(optimizer, self.current_iteration) if self._warmup else _NOTHING:
             if self.scaler is None:
                 optimizer.step()

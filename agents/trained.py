@@ -19,6 +19,7 @@ import torch
 from utils import checkpoint as ckpt
 from utils.checkpoint import TrainingParts
 from utils.errors import CheckpointError
+from utils.export import ExportTarget, export_verified
 from utils.training import EMA
 
 SUFFIX = ".pth.tar"
@@ -74,8 +75,6 @@ class TrainedModelHooks:
     def export(self):
         """export/model.onnx (torch.onnx, dynamo exporter) and export/model.pt2 (torch.export) of
         export_target(), each checked against eager PyTorch on a batch before it is kept."""
-        from utils.export import export_verified
-
         target = self.export_target()
         results = export_verified(target.module, target.example, self.paths.export, target.dynamic_shapes,
                                   target.check, inference=self.inference)
@@ -189,7 +188,5 @@ class ClassifiesImages:
 
     def export_target(self):
         """The classifier, traced on a batch of 2 images of random pixels."""
-        from utils.export import ExportTarget
-
         transform = self.input_transform(self.inference, self.device)
         return ExportTarget(self.model, (transform.random_batch(2),))

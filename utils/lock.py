@@ -4,6 +4,7 @@ The kernel releases a flock when its process ends, however it ends (SIGKILL, a l
 lock left behind by a killed run is never stale: the next run simply gets it. The holder's pid
 and host are written to `<experiment>/.lock` for the message another process shows.
 """
+import contextlib
 import fcntl
 import json
 import os
@@ -82,3 +83,19 @@ class ExperimentLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+@contextlib.contextmanager
+def waiting_for_lock(path: Path | None):
+    """An exclusive flock on `path`.lock for the block, waiting for it (nothing when path is None):
+    one process at a time for a step that must not run twice at once (creating an MLflow store)."""
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

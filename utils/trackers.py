@@ -5,9 +5,7 @@ Agents never hold a tracker: they call BaseAgent.log_scalars / log_images, which
 tracker of the run. A new tracker is one subclass of Tracker, named in LOGGERS and make_trackers.
 The config's "loggers" list picks a run's trackers: tensorboard and csv by default, mlflow when asked.
 """
-import contextlib
 import difflib
-import fcntl
 import functools
 import importlib.util
 import json
@@ -25,6 +23,7 @@ import torch
 from utils.config import Key
 from utils.errors import ConfigError, UserError
 from utils.files import write_json_atomic
+from utils.lock import waiting_for_lock
 from utils.metrics_csv import MetricsCSV
 from utils.summary import SummaryWriter
 
@@ -186,7 +185,7 @@ class MLflowTracker(Tracker):
         if self._client is None:
             # The first use of a SQLite store creates (migrates) it; runs starting together (a
             # sweep's workers) would each migrate it at once and all fail: one process at a time.
-            with _file_lock(self._sqlite_file()):
+            with waiting_for_lock(self._sqlite_file()):
                 self._client = self._connect()
                 if self.run_id is None or not self._continue_run():
                     self._start_run()
@@ -314,21 +313,6 @@ class MLflowTracker(Tracker):
                 self.client.set_tag(self.run_id, "status", status)
             self.client.set_terminated(self.run_id, _MLFLOW_STATUS.get(status, "FINISHED"))
         self._client = None
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path | None):
-    """An exclusive flock on `path`.lock for the block (nothing when path is None)."""
-    if path is None:
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 class Trackers:

@@ -32,10 +32,14 @@ TRAINER_KEYS = {
 }
 
 
+def optimizer_tag(prefix: str, optimizers: dict, name: str) -> str:
+    """`prefix` with one optimizer, `prefix_<name>` with several."""
+    return prefix if len(optimizers) == 1 else f"{prefix}_{name}"
+
+
 def per_optimizer(prefix: str, optimizers: dict, value) -> dict:
-    """{tag: value(optimizer)}: the tag is `prefix` with one optimizer, `prefix_<name>` with several."""
-    return {(prefix if len(optimizers) == 1 else f"{prefix}_{name}"): value(optimizer)
-            for name, optimizer in optimizers.items()}
+    """{optimizer_tag: value(optimizer)} of every optimizer."""
+    return {optimizer_tag(prefix, optimizers, name): value(optimizer) for name, optimizer in optimizers.items()}
 
 
 def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float, scaler=None) -> torch.Tensor:
