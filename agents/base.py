@@ -7,7 +7,8 @@ log_images() the one way numbers and pictures leave an agent. The parts it uses 
 utils.checkpoint (files, parts, clock), utils.trackers, utils.batches (the epoch's batches, its
 position, accumulation), utils.training (EMA, warmup, clipping, batch limits, profiler),
 utils.metrics.Monitor (best value, early stopping, stop_at), utils.distributed, utils.interrupts,
-agents.trained (predict and export).
+agents.run_state (what a checkpoint holds, and a run restored from one), agents.trained (predict
+and export).
 SupervisedAgent: the batch loop, so a task only writes train_step(batch) and validate_step(batch).
 """
 import abc
@@ -22,14 +23,15 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from agents.trained import USING_MODES, TrainedModelHooks, load_evaluation_weights
+from agents import run_state
+from agents.trained import USING_MODES, TrainedModelHooks
 from utils import checkpoint as ckpt
 from utils import distributed, interrupts
 from utils.batches import Accumulation, EpochBatches, EpochProgress, make_train_loader_resumable
 from utils.checkpoint import BEST, CHECKPOINT_KEYS, LATEST, CheckpointClock, CheckpointSaver, TrainingParts
 from utils.config import Key, create_experiment_dirs, experiment_paths, inherit
 from utils.data import move_to, needs_moving
-from utils.errors import CheckpointError, ConfigError, UserError
+from utils.errors import ConfigError, UserError
 from utils.files import remove_unfinished
 from utils.metrics import MONITOR_KEYS, MeterGroup, Monitor, RunningLoss, epoch_line, metrics_table
 from utils.runtime import RUNTIME_KEYS, prepare_device, seed_everything
@@ -159,7 +161,7 @@ class BaseAgent(TrainedModelHooks, abc.ABC):
         self.last_metrics, self.learning_rates = {}, {}   # the last validation's; the epoch's, for metrics.csv
         self.mode_results = None           # what a mode other than train reports, for results.json
         self.status, self._finalized = "built", False
-        self._wall_time_before, self._started = 0.0, time.perf_counter()   # earlier sessions' seconds; this one's start
+        self.wall_time_before, self._started = 0.0, time.perf_counter()   # earlier sessions' seconds; this one's start
         # Called after every validation as callback(agent, metrics); one that returns a status
         # (a sweep's pruner: "pruned") ends training cleanly after the epoch with that status.
         self.validation_callbacks = []
@@ -520,28 +522,8 @@ class BaseAgent(TrainedModelHooks, abc.ABC):
     # ------------------------------------------------------------------ checkpoints and results
 
     def state_dict(self) -> dict:
-        """The checkpoint: one dict of plain types and tensors (torch.load(weights_only=True))."""
-        validating = self.in_epoch.trained is not None
-        return {
-            "format_version": ckpt.FORMAT_VERSION,
-            "agent": type(self).__name__,
-            "config": ckpt.plain(self.config),
-            "epoch": self.current_epoch - validating,     # epochs completed
-            "iteration": self.current_iteration,
-            "world_size": self.world_size,   # batch_size is per process: resuming checks the global batch
-            **self.parts.state_dict(),
-            **self.monitor.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "last_metrics": dict(self.last_metrics),
-            "wall_time_s": self.wall_time(),
-            # while validating: the state the epoch's training ended in, where the resumed run goes on
-            "rng": self.in_epoch.rng_after_training if validating else ckpt.rng_states(),
-            "position": self.in_epoch.state(self.epoch_state),
-            "extra": self.extra_state(),
-            "trackers": self.trackers.state_dict(),   # the MLflow run id, which --resume continues
-            "learning_rates": dict(self.learning_rates),   # a resumed epoch's metrics.csv row has them
-            "inference": ckpt.plain(self.inference_info()),   # what predict and export need: a copied folder is enough
-        }
+        """The checkpoint: one dict of plain types and tensors (agents.run_state says what it holds)."""
+        return run_state.gather(self)
 
     def save_checkpoint(self, is_best: bool):
         """The latest checkpoint (and model_best, epoch_NNNN copies at epoch ends)."""
@@ -554,31 +536,13 @@ class BaseAgent(TrainedModelHooks, abc.ABC):
         """Restore models (for evaluation the EMA's weights, if the run kept one); when training
         also optimizers, schedulers, counters, the position inside the epoch and RNG states, so the
         resumed run continues exactly as the uninterrupted one would have."""
-        self.current_epoch = state["epoch"]
-        self.trackers.load_state_dict(state.get("trackers", {}))   # a test logs into the training's MLflow run
-        if not training:
-            load_evaluation_weights(self.parts.models, state, self.ema_model)
-            return
-        self.parts.load_models(state)
-        self.parts.load_training(state)
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema.load_state_dict(state["ema"])
-        self.current_iteration, self.in_epoch.resumed = state["iteration"], state.get("position")
-        if self.in_epoch.resumed is not None and state.get("world_size", 1) != self.world_size:
-            raise CheckpointError(f"the checkpoint was written inside epoch {self.current_epoch + 1} by "
-                                  f"{state.get('world_size', 1)} process(es): resume it with as many "
-                                  f"(this run has {self.world_size}); at an epoch's end the number may change")
-        self.monitor.load_state_dict(state)
-        self.last_metrics = dict(state.get("last_metrics", {}))
-        self.learning_rates = dict(state.get("learning_rates", {}))
-        self._wall_time_before = state.get("wall_time_s", 0.0)
-        self.load_extra_state(state.get("extra", {}))
-        ckpt.set_rng_states(state["rng"])  # last: nothing after this may draw random numbers
-        self.logger.info(f"resumed from epoch {self.current_epoch}, iteration {self.current_iteration}"
-                         + self.in_epoch.describe_resumed(self.epoch_unit, self.current_epoch))
+        run_state.restore(self, state, training)
+        if training:
+            self.logger.info(f"resumed from epoch {self.current_epoch}, iteration {self.current_iteration}"
+                             + self.in_epoch.describe_resumed(self.epoch_unit, self.current_epoch))
 
     def wall_time(self) -> float:
-        return self._wall_time_before + (time.perf_counter() - self._started)
+        return self.wall_time_before + (time.perf_counter() - self._started)
 
     def results(self) -> dict:
         return {"agent": type(self).__name__, "exp_name": self.config.exp_name, "status": self.status,
