@@ -42,8 +42,9 @@ def test_resolving_one_agent_imports_no_other_agent():
     code = ("import sys; from agents import get_agent_class; get_agent_class('MnistAgent'); "
             "print(sorted(m for m in sys.modules if m.startswith('agents.')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    # agents.trained is no agent: what the image classifiers share for predict and export
-    assert out.stdout.strip() == "['agents.base', 'agents.mnist', 'agents.trained']"
+    # agents.run_state and agents.trained are no agents: BaseAgent's checkpoint contents, and what
+    # the image classifiers share for predict and export
+    assert out.stdout.strip() == "['agents.base', 'agents.mnist', 'agents.run_state', 'agents.trained']"
 
 
 def test_an_agent_of_rows_starts_without_torchvision():
