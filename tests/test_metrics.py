@@ -110,19 +110,22 @@ def test_monitor_keeps_the_best_and_says_why_training_stops():
     assert nothing.summary({"val/loss": 1.0}) == {"val/loss": 1.0}
 
 
-def test_running_loss_is_the_sample_weighted_mean_and_resumes_from_its_state():
+# On an accelerator the losses wait as tensors until fold(); on the CPU they are added at once.
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the losses wait as tensors on an accelerator only"))])
+def test_running_loss_is_the_sample_weighted_mean_and_resumes_from_its_state(device):
     from utils.metrics import RunningLoss
 
     losses, sizes = [1.0, 2.0, 4.0], [10, 10, 5]
     running = RunningLoss()
-    running.add(torch.tensor(losses[0]), sizes[0])
+    running.add(torch.tensor(losses[0], device=device), sizes[0])
     running.fold()
-    running.add(torch.tensor(losses[1], requires_grad=True) * 1, sizes[1])   # detached when added
+    running.add(torch.tensor(losses[1], device=device, requires_grad=True) * 1, sizes[1])   # detached when kept
     state = running.state_dict()                      # folds what is pending
     assert state == {"loss_sum": 30.0, "sample_count": 20}
     resumed = RunningLoss()
     resumed.load_state_dict(state)
-    resumed.add(torch.tensor(losses[2]), sizes[2])
+    resumed.add(torch.tensor(losses[2], device=device), sizes[2])
     assert resumed.epoch_mean() == pytest.approx(50 / 25)
     assert math.isnan(RunningLoss().epoch_mean())
 
