@@ -108,6 +108,9 @@ class BaseAgent(TrainedModelHooks, abc.ABC):
         defaults = {key: (spec.default if isinstance(spec, Key) else spec) for key, spec in BaseAgent.DEFAULTS.items()}
         check_trainer_keys(config, cls.__name__, cls.unsupported_keys, defaults)
         check_loggers(config)
+        if config.mode in USING_MODES and distributed.world_size() > 1:   # each process would write the same files
+            raise ConfigError(f"mode \"{config.mode}\" runs in one process: start it without torchrun "
+                              f"(./run.sh CONFIG --set mode={config.mode} ...)")
         if config.mode == "predict" and not config.predict_input:
             raise ConfigError("mode \"predict\" needs the inputs: --set predict_input=PATH (a file, a folder, "
                               "or a quoted glob like 'images/*.png')")

@@ -281,6 +281,15 @@ def test_predict_before_training_and_where_it_is_no_mode(tmp_path, mnist_folder)
     assert not (tmp_path / "experiments").exists()
 
 
+@pytest.mark.parametrize("mode", ["predict", "export"])
+def test_predict_and_export_under_torchrun_are_refused_before_anything(mode, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")   # as torchrun sets it: every process would write the same files
+    done = run_main_in_process([conftest.ROOT / "configs" / "iris_exp_0.json",
+                                *set_args(mode=mode, predict_input="flowers.csv")], tmp_path)
+    assert f'mode "{mode}" runs in one process: start it without torchrun' in one_error_line(done)
+    assert not (tmp_path / "experiments").exists()
+
+
 @pytest.mark.xdist_group("mnist_exp_0")
 def test_load_trained_errors(shipped_runs, tmp_path):
     exp = shipped_runs["mnist_exp_0"].copy_to(tmp_path)
