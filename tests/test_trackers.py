@@ -55,6 +55,27 @@ def test_tensorboard_tracker_writes_scalars_and_images_and_nothing_until_asked(t
     assert set(events.Tags()["images"]) == {"one", "grid"}
 
 
+def test_queued_scalars_reach_the_event_file_in_order_at_a_flush_a_full_queue_and_close(tmp_path):
+    from utils import summary
+
+    def scalars(tag):
+        return [(e.step, e.value) for e in EventAccumulator(str(tmp_path)).Reload().Scalars(tag)]
+
+    writer = summary.SummaryWriter(tmp_path)
+    writer.add_scalar("loss", 1.0, 1)
+    writer.add_text("note", "between", 1)             # any other event writes the queue first
+    writer.add_scalar("loss", 2.0, 2)
+    writer.flush()
+    assert scalars("loss") == [(1, 1.0), (2, 2.0)]
+    for step in range(3, 3 + summary.MAX_QUEUED):     # a full queue is written without a flush
+        writer.add_scalar("loss", float(step), step)
+    writer._events.flush()                            # the file's buffer only, not the queue
+    assert scalars("loss")[-1] == (2 + summary.MAX_QUEUED, 2.0 + summary.MAX_QUEUED)
+    writer.add_scalar("loss", -1.0, 1000)
+    writer.close()
+    assert scalars("loss")[-1] == (1000, -1.0) and len(scalars("loss")) == 3 + summary.MAX_QUEUED
+
+
 def test_trackers_fan_out_to_every_tracker():
     first, second = ListTracker(), ListTracker()
     trackers = Trackers([first, second])
