@@ -34,8 +34,11 @@ def real_batch(name, preprocess, request) -> torch.Tensor:
         return torch.cat([preprocess(image), preprocess(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT))])
     if name.startswith("dcgan"):
         return preprocess(5)
-    if name.startswith("dqn"):
-        env = gym.make("CartPole-v1")
+    if name.startswith("dqn"):   # pixel mode: the rendered screens' differences the agent sees
+        from agents.dqn import ScreenDifference
+
+        env = gym.make("CartPole-v1", render_mode="rgb_array" if "pixels" in name else None)
+        env = ScreenDifference(env, 40) if "pixels" in name else env
         observations = [env.reset(seed=0)[0]]
         for action in (0, 1, 0, 1):
             observations.append(env.step(action)[0])
@@ -58,7 +61,7 @@ def check_files(exp, model, batch):
 
 @pytest.mark.parametrize("name", [group(name) for name in
                                   ("mnist_exp_0", "condensenet_exp_0", "erfnet_exp_0", "dcgan_exp_0", "dqn_exp_0",
-                                   "iris_exp_0")])
+                                   "dqn_pixels_exp_0", "iris_exp_0")])
 def test_export_writes_files_that_agree_with_eager(name, shipped_runs, tmp_path, request):
     run = shipped_runs[name]
     exp = run.copy_to(tmp_path)
