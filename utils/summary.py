@@ -5,8 +5,8 @@ about 150 us of the caller's time and GIL per scalar, a tenth of a small model's
 This writer builds the same protocol buffers with tensorboardX.summary and appends them to one
 buffered event file, flushed every `flush_secs` and on flush()/close(). Scalars wait in memory as
 tuples (at most MAX_QUEUED) and are built and written together: built one at a time between
-training steps, each cost ~50 us in cold caches (bench/overhead.py's training loop 1.10-1.12x
-plain -> 1.06-1.10x with the queue); together, ~8 us each.
+training steps, each cost ~50 us in cold caches and slowed the steps after it (bench/overhead.py,
+docs/benchmarks.md); together, ~8 us each.
 """
 import itertools
 import os
