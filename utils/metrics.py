@@ -206,7 +206,7 @@ class RunningLoss:
     """An epoch's training loss: the mean of per-batch mean losses weighted by batch size. On an
     accelerator the losses wait as tensors and are folded in at each log interval: no device sync
     per step. On the CPU each is added at once: a float costs less than a kept tensor there
-    (3-4% of a small model's step in bench/overhead.py)."""
+    (2-4% of a small model's step in bench/overhead.py)."""
 
     def __init__(self):
         self.load_state_dict(None)
