@@ -50,7 +50,14 @@ def test_device_selection():
 def test_prepare_device_selects_and_sets_determinism(monkeypatch):
     from utils.runtime import prepare_device
 
-    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda on: calls.append(on))
-    calls = []
-    assert prepare_device("cpu", True, 0, deterministic=True) == torch.device("cpu") and calls == [True]
-    assert prepare_device("auto", False, 0, deterministic=False) == torch.device("cpu") and calls == [True]
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)   # restored after the test
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", torch.backends.cudnn.deterministic)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
+    try:
+        assert prepare_device("cpu", True, 0, deterministic=True) == torch.device("cpu")
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        torch.use_deterministic_algorithms(False)
+        assert prepare_device("auto", False, 0, deterministic=False) == torch.device("cpu")
+        assert not torch.are_deterministic_algorithms_enabled()    # left as it was
+    finally:
+        torch.use_deterministic_algorithms(False)
